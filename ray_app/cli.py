@@ -1,0 +1,229 @@
+"""`ray-app <stage>`: each command loads the config once, connects, runs one stage and writes a results JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ray_app.config import AppConfig, load_config
+from ray_app.errors import AppError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prepare, train, evaluate, register and promote the projects classifier on Ray + MLflow.")
+log = logging.getLogger("ray_app")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override, e.g. train.lr=3e-4.")]
+ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="Where the results JSON goes.")]
+
+
+def write_results(stage: str, payload: dict[str, Any], results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    typer.echo(f"results: {path}")
+    return path
+
+
+def _run(stage: str, config: Path | None, overrides: list[str] | None, results_dir: Path,
+         body: Callable[[AppConfig], dict[str, Any]]) -> None:
+    """Shared edges: config, logging, error handling and the results file."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    started = time.perf_counter()
+    try:
+        cfg = load_config(config, overrides)
+        payload = body(cfg)
+    except AppError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    payload.setdefault("duration_s", round(time.perf_counter() - started, 2))
+    write_results(stage, payload, results_dir)
+
+
+def _connect(cfg: AppConfig, ray: bool = True):
+    from ray_app.runtime import connect_ray, setup_mlflow
+
+    tracking = setup_mlflow(cfg)
+    if ray:
+        connect_ray(cfg)
+    return tracking
+
+
+@app.command()
+def data(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Read, validate and split the data set; report bad rows by reason."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        import mlflow
+
+        from ray_app.data import log_to_mlflow, prepare
+
+        tracking = _connect(cfg)
+        splits = prepare(cfg.data)
+        with mlflow.start_run(run_name="data") as run:
+            log_to_mlflow(splits, cfg.data)
+        return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "data": splits.report.to_dict()}
+
+    _run("data", config, set_, results_dir, body)
+
+
+@app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Fine-tune with Ray Train; re-running after a crash resumes from the last checkpoint."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.data import prepare
+        from ray_app.pipeline import run_training, training_run
+
+        tracking = _connect(cfg)
+        splits = prepare(cfg.data)
+        with training_run(cfg, tracking, splits, "train") as (run_id, name):
+            result = run_training(cfg, tracking, splits, run_id, name)
+        return {"tracking_uri": tracking.uri, "run_id": run_id, "train": result.to_dict()}
+
+    _run("train", config, set_, results_dir, body)
+
+
+def _latest_train_results(results_dir: Path) -> dict[str, Any]:
+    files = sorted(results_dir.glob("train-*.json")) + sorted(results_dir.glob("pipeline-*.json"))
+    if not files:
+        raise AppError(f"no train results in {results_dir}; run `ray-app train` first or pass --checkpoint and --run-id")
+    return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
+
+
+@app.command()
+def register(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint path or URI (default: latest train results)")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Training run to log the model into")] = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Log a training checkpoint as an MLflow model and register it as `challenger`."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        import mlflow
+
+        from ray_app.data import prepare
+        from ray_app.pipeline import register_checkpoint
+
+        tracking = _connect(cfg)
+        ckpt, rid = checkpoint, run_id
+        if ckpt is None or rid is None:
+            latest = _latest_train_results(results_dir)
+            ckpt = ckpt or latest["train"]["checkpoint_path"]
+            rid = rid or latest["run_id"]
+        splits = prepare(cfg.data)
+        with mlflow.start_run(run_id=rid):
+            registered = register_checkpoint(cfg, splits, ckpt, rid)
+        return {"tracking_uri": tracking.uri, "model": registered.to_dict()}
+
+    _run("register", config, set_, results_dir, body)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model URI (default: models:/NAME@challenger)")] = None,
+    data_file: Annotated[Path | None, typer.Option("--data", help="Labelled CSV (default: the test split)")] = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Evaluate a registered model on the test split or any labelled CSV, beside the TF-IDF baseline."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        import mlflow
+
+        from ray_app.data import prepare
+        from ray_app.evaluate import evaluate as run_eval
+        from ray_app.evaluate import log_to_mlflow
+
+        tracking = _connect(cfg)
+        uri = model or f"models:/{cfg.registry.model_name}@challenger"
+        splits = prepare(cfg.data)
+        rows = splits.test
+        if data_file is not None:
+            rows = prepare(cfg.data.model_copy(update={"path": str(data_file), "max_rows": None}))
+            rows = _all_rows(rows)
+        try:
+            clf = mlflow.pyfunc.load_model(uri).unwrap_python_model().classifier
+        except mlflow.exceptions.MlflowException as exc:
+            raise AppError(f"model {uri} could not be loaded: {exc.message.splitlines()[0]}") from None
+        with mlflow.start_run(run_name="evaluate", tags={"model_uri": uri}) as run:
+            result, artifacts = run_eval(clf, rows, splits.train, cfg.data.text_columns, cfg.evaluate)
+            log_to_mlflow(result, artifacts, "eval_")
+        return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
+
+    _run("evaluate", config, set_, results_dir, body)
+
+
+def _all_rows(splits) -> Any:
+    import pandas as pd
+
+    return pd.concat([splits.train, splits.val, splits.test], ignore_index=True)
+
+
+@app.command()
+def promote(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Move `champion` to the challenger if it clears the minimum and beats the champion by the margin."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.registry import aliases, promote as gate
+
+        tracking = _connect(cfg, ray=False)
+        decision = gate(cfg.registry)
+        return {"tracking_uri": tracking.uri, **decision.to_dict(), "aliases": aliases(cfg.registry)}
+
+    _run("promote", config, set_, results_dir, body)
+
+
+@app.command()
+def rollback(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Move `champion` back to the `previous` version."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.registry import aliases, rollback as back
+
+        tracking = _connect(cfg, ray=False)
+        return {"tracking_uri": tracking.uri, **back(cfg.registry), "aliases": aliases(cfg.registry)}
+
+    _run("rollback", config, set_, results_dir, body)
+
+
+@app.command()
+def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """data -> train -> evaluate -> register -> promote, in one MLflow run."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.pipeline import run_pipeline
+
+        return run_pipeline(cfg, _connect(cfg))
+
+    _run("pipeline", config, set_, results_dir, body)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(out: Annotated[Path, typer.Option(help="Directory to write the model to")]) -> None:
+    """A tiny random BERT with the bundled tokenizer, for smoke runs and tests (configs/smoke.yaml)."""
+    from ray_app.model import make_tiny_model as make
+
+    typer.echo(f"tiny model: {make(out)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

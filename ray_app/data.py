@@ -1,0 +1,321 @@
+"""Ray Data preprocessing: read the CSV, validate every row, split stably, tokenize.
+
+Row checks run in parallel in Ray Data; the steps that need a global view (duplicates, the stratified split,
+leakage across splits) run on the validated table in the driver, which stays small because it is one row per
+labelled example with a few short strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pyarrow import csv as pacsv
+
+from ray_app.config import DataConfig
+from ray_app.errors import AppError
+from ray_app.model import join_text, load_tokenizer
+
+log = logging.getLogger("ray_app")
+SPLITS = ("train", "val", "test")
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass
+class DataReport:
+    """What preprocessing kept and dropped, and why: logged to MLflow and the results JSON."""
+
+    path: str
+    rows_read: int
+    rows_valid: int
+    bad_rows: dict[str, int]
+    bad_fraction: float
+    split_sizes: dict[str, int]
+    class_counts: dict[str, dict[str, int]]
+    digest: str
+    bad_examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Splits:
+    """Train/val/test frames with columns id, text columns, label, text."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    report: DataReport
+
+    def frame(self, name: str) -> pd.DataFrame:
+        return getattr(self, name)
+
+
+def normalize(text: str) -> str:
+    return _SPACES.sub(" ", str(text)).strip().lower()
+
+
+def map_label(raw: Any, cfg: DataConfig) -> str | None:
+    """Configured aliases first, then the label set; unknown tags go to `unknown_label` (or None: a bad row)."""
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)) or not str(raw).strip():
+        return None
+    tag = str(raw).strip().lower()
+    tag = cfg.label_aliases.get(tag, tag)
+    return tag if tag in cfg.labels else cfg.unknown_label
+
+
+def validate_batch(batch: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Adds `label`, `text` and `reason` (empty when the row is good) to a batch of raw rows."""
+    reasons = pd.Series("", index=batch.index, dtype=object)
+    ids = batch[cfg.id_column]
+    reasons[ids.isna() | (ids.astype(str).str.strip() == "")] = "missing_id"
+    texts = join_text(batch, cfg.text_columns)
+    text = pd.Series(texts, index=batch.index, dtype=object)
+    reasons[(reasons == "") & (text.str.len() == 0)] = "empty_text"
+    reasons[(reasons == "") & (text.str.len() > cfg.max_text_chars)] = "text_too_long"
+    raw_labels = batch[cfg.label_column]
+    labels = raw_labels.map(lambda raw: map_label(raw, cfg))
+    missing = raw_labels.isna() | (raw_labels.astype(str).str.strip() == "")
+    reasons[(reasons == "") & missing] = "missing_label"
+    reasons[(reasons == "") & labels.isna()] = "unknown_label"
+    out = batch.copy()
+    out[cfg.id_column] = ids.astype(str).str.strip()
+    out["label"] = labels.astype(object)
+    out["text"] = text
+    out["reason"] = reasons
+    return out
+
+
+def _check_file(path: str) -> None:
+    if "://" in path:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise AppError(f"data file {path} does not exist; set data.path to a CSV with columns id, title, description, tag")
+    try:
+        with p.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise AppError(f"data file {path} cannot be read: {exc}") from None
+
+
+class _MalformedCounter:
+    """A tiny actor the CSV readers report unparseable lines to, so they are counted instead of crashing."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[int | None, str], None] = {}
+
+    def add(self, number: int | None, text: str) -> None:
+        self.lines[(number, text)] = None  # keyed: Ray may read a block twice (schema, then data)
+
+    def get(self) -> list[str]:
+        return [text for _, text in self.lines]
+
+
+def read_validated(cfg: DataConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Read with Ray Data and run the row checks in parallel; returns rows with a `reason` and malformed lines."""
+    import ray
+
+    _check_file(cfg.path)
+    counter = ray.remote(num_cpus=0)(_MalformedCounter).remote()
+
+    def skip_malformed(row: Any) -> str:
+        counter.add.remote(row.number, str(row.text)[:200])
+        return "skip"
+
+    required = [cfg.id_column, *cfg.text_columns, cfg.label_column]
+    try:
+        ds = ray.data.read_csv(
+            cfg.path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_malformed),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in required}),
+        )
+        columns = ds.columns()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps pyarrow's errors; the message is what matters
+        raise AppError(f"data file {cfg.path} could not be parsed as CSV: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise AppError(
+            f"data file {cfg.path} lacks required column(s) {missing}; it has {columns}. "
+            "Fix the file or set data.id_column / data.text_columns / data.label_column"
+        )
+    validated = ds.map_batches(validate_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas").to_pandas()
+    malformed = ray.get(counter.get.remote())
+    ray.kill(counter)
+    return validated, malformed
+
+
+def _stable_hash(value: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def mark_duplicates(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Exact duplicates keep their first row; the same text under different labels drops every copy."""
+    frame = frame.copy()
+    good = frame["reason"] == ""
+    key = frame["text"].map(normalize)
+    dup_id = good & frame.duplicated(subset=[cfg.id_column], keep="first")
+    frame.loc[dup_id, "reason"] = "duplicate_id"
+    good = frame["reason"] == ""
+    labels_per_text = frame[good].groupby(key[good])["label"].nunique()
+    conflicting = good & key.map(labels_per_text).fillna(0).gt(1)
+    frame.loc[conflicting, "reason"] = "conflicting_labels"
+    good = frame["reason"] == ""
+    frame.loc[good & key.where(good).duplicated(keep="first"), "reason"] = "duplicate"
+    return frame
+
+
+def assign_splits(frame: pd.DataFrame, cfg: DataConfig) -> pd.Series:
+    """Stratified split, stable across runs: within each label, rows are ranked by a salted hash of their id."""
+    split = pd.Series("train", index=frame.index, dtype=object)
+    ranks = frame[cfg.id_column].map(lambda i: _stable_hash(str(i), cfg.split.salt))
+    for _, group in frame.groupby("label"):
+        order = ranks[group.index].sort_values(kind="stable").index
+        n_test = int(round(len(order) * cfg.split.test_fraction))
+        n_val = int(round(len(order) * cfg.split.val_fraction))
+        split[order[:n_test]] = "test"
+        split[order[n_test : n_test + n_val]] = "val"
+    return split
+
+
+def mark_leakage(frame: pd.DataFrame, split: pd.Series, title_column: str) -> pd.Series:
+    """A val/test row whose title (the first text column) also appears in another split would leak: drop it."""
+    reasons = pd.Series("", index=frame.index, dtype=object)
+    title_key = frame[title_column].fillna("").map(normalize)
+    for name in ("val", "test"):
+        mine = split == name
+        others = set(title_key[~mine])
+        reasons[mine & title_key.isin(others)] = "leakage"
+    return reasons
+
+
+def digest_of(frame: pd.DataFrame, id_column: str) -> str:
+    rows = frame.sort_values(id_column)[[id_column, "text", "label"]].astype(str)
+    return hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig) -> Splits:
+    """Read, validate, deduplicate and split; fails only when the bad fraction passes `max_bad_fraction`."""
+    raw, malformed = read_validated(cfg)
+    frame = mark_duplicates(raw.reset_index(drop=True), cfg)
+    good = frame[frame["reason"] == ""]
+    if cfg.max_rows is not None:  # a stable subset for smoke runs: the rows with the lowest hash
+        ranks = good[cfg.id_column].map(lambda i: _stable_hash(str(i), cfg.split.salt))
+        good = good.loc[ranks.sort_values(kind="stable").index[: cfg.max_rows]]
+    split = assign_splits(good, cfg)
+    leak = mark_leakage(good, split, cfg.text_columns[0])
+    frame.loc[leak[leak != ""].index, "reason"] = "leakage"
+    valid = good[leak == ""]
+    rows_read = len(frame) + len(malformed)
+    bad = Counter(frame.loc[frame["reason"] != "", "reason"])
+    if malformed:
+        bad["malformed_csv"] = len(malformed)
+    bad_fraction = sum(bad.values()) / max(rows_read, 1)
+    columns = [cfg.id_column, *cfg.text_columns, "label", "text"]
+    parts = {name: valid.loc[split[valid.index] == name, columns].reset_index(drop=True) for name in SPLITS}
+    report = DataReport(
+        path=cfg.path,
+        rows_read=rows_read,
+        rows_valid=len(valid),
+        bad_rows=dict(sorted(bad.items())),
+        bad_fraction=round(bad_fraction, 4),
+        split_sizes={name: len(p) for name, p in parts.items()},
+        class_counts={name: p["label"].value_counts().to_dict() for name, p in parts.items()},
+        digest=digest_of(valid, cfg.id_column),
+        bad_examples=_bad_examples(frame, malformed, cfg),
+    )
+    log.info("data: %d rows read, %d valid, bad rows by reason: %s", rows_read, report.rows_valid, report.bad_rows)
+    if bad_fraction > cfg.max_bad_fraction:
+        raise AppError(
+            f"{bad_fraction:.1%} of the rows in {cfg.path} are bad ({report.bad_rows}), more than "
+            f"data.max_bad_fraction={cfg.max_bad_fraction}; fix the file or raise the limit"
+        )
+    for name, part in parts.items():
+        if part.empty:
+            raise AppError(f"the {name} split is empty ({report.split_sizes}); add rows or change data.split")
+    return Splits(**parts, labels=list(cfg.labels), report=report)
+
+
+def _bad_examples(frame: pd.DataFrame, malformed: list[str], cfg: DataConfig, per_reason: int = 5) -> list[dict]:
+    bad = frame[frame["reason"] != ""]
+    examples = [
+        {"reason": r, "id": row[cfg.id_column], "text": str(row["text"])[:200]}
+        for r, group in bad.groupby("reason")
+        for _, row in group.head(per_reason).iterrows()
+    ]
+    examples += [{"reason": "malformed_csv", "id": None, "text": line} for line in malformed[:per_reason]]
+    return examples
+
+
+class Tokenize:
+    """Ray Data callable class: the fast tokenizer is loaded once per actor, not per batch."""
+
+    def __init__(self, tokenizer_path: str, labels: list[str], max_length: int) -> None:
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.label_ids = {label: i for i, label in enumerate(labels)}
+        self.max_length = max_length
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        enc = self.tokenizer(
+            list(batch["text"]), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {
+            "input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int8),
+            "labels": batch["label"].map(self.label_ids).to_numpy(dtype=np.int64),
+            "split": batch["split"].to_numpy(dtype=object),
+        }
+
+
+def tokenize(splits: Splits, tokenizer_path: str, max_length: int, names: tuple[str, ...] = ("train", "val")):
+    """Ray Datasets of token ids, one per split, materialized before training starts.
+
+    Materializing up front means tokenization never competes with training workers for CPUs; string columns are
+    dropped because `iter_torch_batches` cannot carry them. All splits go through one actor, so the tokenizer
+    loads once.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    frame = pd.concat([splits.frame(n)[["text", "label"]].assign(split=n) for n in names], ignore_index=True)
+    tokenized = (
+        ray.data.from_pandas(frame)
+        .map_batches(
+            Tokenize,
+            fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "labels": splits.labels, "max_length": max_length},
+            batch_format="pandas",
+            batch_size=256,
+            compute=ActorPoolStrategy(size=1),
+        )
+        .materialize()
+    )
+    return {n: tokenized.filter(expr=f"split == '{n}'").drop_columns(["split"]).materialize() for n in names}
+
+
+def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
+    """Dataset inputs (digest, source, schema), row counts as metrics, the full report as a JSON artifact."""
+    import mlflow
+
+    for name, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        ds = mlflow.data.from_pandas(
+            splits.frame(name), source=cfg.path, name=f"projects-{name}", targets="label", digest=None
+        )
+        mlflow.log_input(ds, context=context, tags={"data_digest": splits.report.digest})
+    metrics = {f"data.rows_{n}": v for n, v in splits.report.split_sizes.items()}
+    metrics.update({f"data.bad_{r}": v for r, v in splits.report.bad_rows.items()})
+    metrics.update({"data.rows_read": splits.report.rows_read, "data.bad_fraction": splits.report.bad_fraction})
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(splits.report.to_dict(), "data/report.json")
+    mlflow.set_tag("data_digest", splits.report.digest)
+    mlflow.log_text(splits.test.to_csv(index=False), "data/test_split.csv")

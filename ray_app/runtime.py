@@ -1,0 +1,102 @@
+"""The one place that reads the environment, connects to Ray and points MLflow at a tracking server.
+
+Stages receive what they need from here as arguments; they never look at environment variables themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities import Experiment
+
+from ray_app.config import AppConfig
+from ray_app.errors import AppError
+
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+log = logging.getLogger("ray_app")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where runs go: workers on other nodes get this instead of reading their own environment."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+
+
+def resolve_tracking_uri(cfg: AppConfig) -> str:
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _check_server(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            if resp.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as exc:
+        raise AppError(
+            f"MLflow tracking server {uri} is not reachable ({exc}); start it with `make mlflow` "
+            "or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a running server"
+        ) from None
+    raise AppError(f"MLflow tracking server {uri} answered /health with an error; check its log")
+
+
+def setup_mlflow(cfg: AppConfig) -> Tracking:
+    """Point this process at the tracking server and make sure the experiment exists before workers log to it."""
+    uri = resolve_tracking_uri(cfg)
+    _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    exp: Experiment | None = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        try:
+            exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another process
+            exp_id = mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return Tracking(uri=uri, experiment_id=exp_id, experiment_name=cfg.mlflow.experiment)
+
+
+def connect_ray(cfg: AppConfig) -> None:
+    """Join the configured cluster, the one a Ray job runs in, or start a local instance sized by config."""
+    import ray
+    from ray.data import DataContext
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    logging_kwargs = {"log_to_driver": True, "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **logging_kwargs)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, **logging_kwargs)
+    except ConnectionError as exc:
+        raise AppError(
+            f"cannot connect to Ray at {address!r} ({exc}); start a head with `make ray` "
+            "or set ray.address to a running cluster"
+        ) from None
+    ctx = DataContext.get_current()
+    if not sys.stderr.isatty():  # job logs and CI: one concise progress line instead of a bar per operator
+        ctx.enable_operator_progress_bars = False
+
+
+def git_commit() -> str:
+    """The commit the code came from, if it is a git checkout (a Ray job's working dir usually is not)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("RAY_APP_GIT_COMMIT", "unknown")

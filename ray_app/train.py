@@ -1,0 +1,286 @@
+"""Fine-tuning with Ray Train: one TorchTrainer whose workers read Ray Data shards and checkpoint every epoch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from sklearn.metrics import accuracy_score, f1_score
+
+from ray_app.config import AppConfig, TrainConfig
+from ray_app.data import Splits, tokenize
+from ray_app.errors import AppError
+from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
+
+log = logging.getLogger("ray_app")
+SCORE = "val_f1_weighted"
+MODEL_SUBDIR = "model"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainResult:
+    """Where the best model is and how the run went; `checkpoint_path` holds a `model/` directory in HF format."""
+
+    run_name: str
+    checkpoint_path: str
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def class_weights(labels: list[str], train_labels: list[str]) -> list[float]:
+    """Balanced weights n / (k * count): the rare `mlops` class counts as much as the others in the loss."""
+    counts = np.array([max(train_labels.count(label), 1) for label in labels], dtype=np.float64)
+    return (counts.sum() / (len(labels) * counts)).tolist()
+
+
+class TrimPadding(NumpyBatchCollateFn):
+    """Dynamic padding: rows were padded to max_length in Ray Data; cut every batch to its longest real row."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        mask = batch["attention_mask"]
+        width = max(int(mask.sum(axis=1).max()), 1)
+        return {
+            "input_ids": torch.as_tensor(batch["input_ids"][:, :width], dtype=torch.long),
+            "attention_mask": torch.as_tensor(mask[:, :width], dtype=torch.long),
+            "labels": torch.as_tensor(batch["labels"], dtype=torch.long),
+        }
+
+
+def _evaluate(model: torch.nn.Module, batches, device: torch.device, loss_fn) -> dict[str, float]:
+    model.eval()
+    preds, golds, losses = [], [], []
+    with torch.inference_mode():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            losses.append(loss_fn(logits, batch["labels"]).item() * len(batch["labels"]))
+            preds.append(logits.argmax(-1).cpu().numpy())
+            golds.append(batch["labels"].cpu().numpy())
+    y_pred, y_true = np.concatenate(preds), np.concatenate(golds)
+    return {
+        "val_loss": float(sum(losses) / len(y_true)),
+        "val_accuracy": float(accuracy_score(y_true, y_pred)),
+        "val_f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "val_f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: dict[str, Any]) -> None:
+    model.save_pretrained(directory / MODEL_SUBDIR)
+    tokenizer.save_pretrained(directory / MODEL_SUBDIR)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, directory / STATE_FILE
+    )
+    (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
+
+
+class _MlflowEpochLogger:
+    """Rank 0 logs into the run the driver opened; a worker on another node only needs the URI and run id."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri) if tracking_uri and run_id else None
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` when Ray hands one back."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    cfg = TrainConfig(**loop_cfg["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    tokenizer = load_tokenizer(loop_cfg["model_path"])
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            model = AutoModelForSequenceClassification.from_pretrained(Path(ckpt_dir) / MODEL_SUBDIR)
+            saved = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    else:
+        model = load_for_training(loop_cfg["model_path"], loop_cfg["labels"], loop_cfg["dropout"])
+        saved = None
+    resumed_from = state["epoch"] if saved is None else saved["epoch"]
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+
+    steps_per_epoch = math.ceil(math.ceil(loop_cfg["n_train"] / world) / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        if rank == 0:
+            log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
+    weights = torch.tensor(loop_cfg["class_weights"], device=device) if cfg.class_weighted_loss else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    logger = _MlflowEpochLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
+    if logger and saved is not None:
+        logger.log({"resumed_from_epoch": resumed_from}, step=resumed_from)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    first_epoch = cfg.epochs + 1 if state["stopped"] else state["epoch"] + 1  # an early-stopped run stays stopped
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        model.train()
+        seen, loss_sum, started = 0, 0.0, time.perf_counter()
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=TrimPadding())
+        for batch in _progress(batches, rank, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}"):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = loss_fn(logits.float(), batch["labels"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; lower train.lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seen += len(batch["labels"])
+            loss_sum += loss.item() * len(batch["labels"])
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "samples_per_s": seen * world / elapsed,
+            "epoch_s": elapsed,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        stop = False
+        if rank == 0:
+            val_batches = val_data.iter_torch_batches(batch_size=cfg.eval_batch_size, collate_fn=TrimPadding())
+            metrics.update(_evaluate(raw_model, val_batches, device, loss_fn))
+            improved = metrics[SCORE] > state["best"] + 1e-4
+            state["best"] = max(state["best"], metrics[SCORE])
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            state["epoch"] = epoch
+            state["history"].append(metrics)
+            stop = cfg.early_stopping_patience is not None and state["bad_epochs"] >= cfg.early_stopping_patience
+            state["stopped"] = stop
+            metrics["early_stopped"] = float(stop)
+            logger.log(metrics, step=epoch)
+            log.warning("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(Path(tmp), raw_model, tokenizer, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if cfg.fail_after_epoch == epoch and resumed_from == 0:
+            raise RuntimeError(f"failure drill: worker {rank} fails after checkpointing epoch {epoch}")
+        if _agree_to_stop(stop, world, device):
+            break
+
+
+def _progress(iterable, rank: int, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=rank != 0, mininterval=5, leave=False)
+
+
+def _agree_to_stop(stop: bool, world: int, device: torch.device) -> bool:
+    """Rank 0 decides early stopping; every worker must leave the loop together or DDP hangs."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def build_trainer(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: str | None, run_id: str | None):
+    """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    datasets = tokenize(splits, model_path, cfg.data.max_length)
+    for ds in datasets.values():  # the loop shows its own per-epoch bar; Ray Data's would repeat it per worker
+        ds.context.enable_progress_bars = False
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    loop_cfg = {
+        "train": tc.model_dump(),
+        "model_path": model_path,
+        "labels": splits.labels,
+        "dropout": cfg.model.dropout,
+        "n_train": len(splits.train),
+        "class_weights": class_weights(splits.labels, list(splits.train["label"])),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+    }
+    storage = tc.storage_path if "://" in tc.storage_path else str(Path(tc.storage_path).expanduser().resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def train(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: str | None, run_id: str | None) -> TrainResult:
+    """Fit and return the best checkpoint by val F1; a run name that exists on storage resumes that run."""
+    from ray.train import TrainingFailedError
+
+    started = time.perf_counter()
+    trainer = build_trainer(cfg, splits, run_name, tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise AppError(
+            f"training failed after {cfg.train.max_failures} retries: {str(exc).strip().splitlines()[-1]}"
+        ) from exc
+    best = result.get_best_checkpoint(metric=SCORE, mode="max") or result.checkpoint
+    if best is None:
+        raise AppError("training finished without a checkpoint; check the job log for the worker's error")
+    best_metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)
+    with (result.checkpoint or best).as_directory() as latest:
+        history = json.loads((Path(latest) / HISTORY_FILE).read_text())
+    return TrainResult(
+        run_name=run_name,
+        checkpoint_path=best.path,
+        best_metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))},
+        history=history,
+        duration_s=round(time.perf_counter() - started, 2),
+    )

@@ -1,0 +1,128 @@
+"""Data: row checks by reason, label mapping, stable stratified splits, and the Ray Data read path."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ray_app.config import DataConfig
+from ray_app.data import assign_splits, map_label, mark_duplicates, mark_leakage, prepare, validate_batch
+from ray_app.errors import AppError
+
+HERE = Path(__file__).resolve().parent
+BUNDLED = HERE.parent / "data" / "projects" / "dataset.csv"
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(path=str(BUNDLED), **kw)
+
+
+def test_label_mapping_aliases_and_unknown() -> None:
+    c = cfg(label_aliases={"cv": "computer-vision"})
+    assert map_label(" Computer-Vision ", c) == "computer-vision"
+    assert map_label("cv", c) == "computer-vision"
+    assert map_label("quantum", c) == "other"
+    assert map_label("quantum", cfg(unknown_label=None)) is None
+    assert map_label("", c) is None and map_label(None, c) is None
+
+
+def test_row_checks_name_each_reason() -> None:
+    batch = pd.DataFrame(
+        {
+            "id": ["1", None, "3", "4", "5"],
+            "title": ["ok", "no id", "", "long", "x"],
+            "description": ["fine", "d", None, "y" * 50, "d"],
+            "tag": ["mlops", "mlops", "mlops", "mlops", None],
+        }
+    )
+    out = validate_batch(batch, cfg(max_text_chars=20))
+    assert list(out["reason"]) == ["", "missing_id", "empty_text", "text_too_long", "missing_label"]
+    assert out.loc[0, "text"] == "ok. fine"
+
+
+def test_duplicates_and_conflicts() -> None:
+    frame = pd.DataFrame(
+        {
+            "id": ["1", "2", "3", "4", "1"],
+            "text": ["Same text", "same  TEXT", "clash", "clash", "other"],
+            "label": ["mlops", "mlops", "mlops", "other", "mlops"],
+            "reason": ["", "", "", "", ""],
+        }
+    )
+    out = mark_duplicates(frame, cfg())
+    assert list(out["reason"]) == ["", "duplicate", "conflicting_labels", "conflicting_labels", "duplicate_id"]
+
+
+def test_split_is_stratified_and_stable() -> None:
+    frame = pd.read_csv(BUNDLED, dtype=str).rename(columns={"tag": "label"})
+    c = cfg()
+    split = assign_splits(frame, c)
+    again = assign_splits(frame.sample(frac=1.0, random_state=3), c).loc[frame.index]
+    assert (split == again).all(), "row order must not change the split"
+    for label, group in frame.groupby("label"):
+        share = split[group.index].value_counts(normalize=True)
+        assert abs(share["test"] - 0.15) < 0.02 and abs(share["val"] - 0.15) < 0.02, label
+    moved = assign_splits(frame, cfg(split={"salt": "other"}))
+    assert (moved != split).any()
+
+
+def test_leakage_across_splits_is_found() -> None:
+    frame = pd.DataFrame({"title": ["A title", "a  TITLE", "unique"], "label": ["mlops"] * 3})
+    split = pd.Series(["train", "test", "val"])
+    assert list(mark_leakage(frame, split, "title")) == ["", "leakage", ""]
+
+
+@pytest.fixture(scope="module")
+def bad_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The deliberately bad rows, plus 120 real rows so every split has members."""
+    real = "\n".join(BUNDLED.read_text().splitlines()[1:121])
+    path = tmp_path_factory.mktemp("bad") / "mixed.csv"
+    path.write_text((HERE / "data" / "bad_rows.csv").read_text() + real.replace("\r", "") + "\n")
+    return path
+
+
+def test_prepare_counts_every_bad_row_by_reason(ray_cluster, bad_file: Path) -> None:
+    splits = prepare(
+        DataConfig(path=str(bad_file), unknown_label=None, label_aliases={"cv": "computer-vision"}, max_bad_fraction=0.5)
+    )
+    r = splits.report
+    assert r.bad_rows == {
+        "conflicting_labels": 2,
+        "duplicate": 1,
+        "duplicate_id": 1,
+        "empty_text": 1,
+        "malformed_csv": 1,
+        "missing_id": 1,
+        "missing_label": 1,
+        "text_too_long": 1,
+        "unknown_label": 1,
+    }
+    assert r.rows_read == r.rows_valid + sum(r.bad_rows.values()) + r.bad_rows.get("leakage", 0) * 0
+    assert {e["reason"] for e in r.bad_examples} == set(r.bad_rows)
+    everything = pd.concat([splits.train, splits.val, splits.test])
+    assert everything.loc[everything["id"] == "90013", "label"].item() == "computer-vision"
+    assert sum(r.split_sizes.values()) == r.rows_valid
+
+
+def test_too_many_bad_rows_fails_with_the_counts(ray_cluster, bad_file: Path) -> None:
+    with pytest.raises(AppError, match=r"bad .*data.max_bad_fraction=0.01"):
+        prepare(DataConfig(path=str(bad_file), unknown_label=None, max_bad_fraction=0.01))
+
+
+def test_missing_file_and_missing_column(ray_cluster, tmp_path: Path) -> None:
+    with pytest.raises(AppError, match="does not exist"):
+        prepare(DataConfig(path=str(tmp_path / "nope.csv")))
+    no_tag = tmp_path / "no_tag.csv"
+    no_tag.write_text("id,title,description\n1,a,b\n")
+    with pytest.raises(AppError, match=r"lacks required column\(s\) \['tag'\]"):
+        prepare(DataConfig(path=str(no_tag)))
+
+
+def test_bundled_data_set_prepares(ray_cluster) -> None:
+    splits = prepare(cfg())
+    r = splits.report
+    assert r.rows_read == 764 and r.rows_valid >= 750
+    assert r.split_sizes["test"] > 100 and set(splits.test["label"]) == set(cfg().labels)
+    ids = [set(s["id"]) for s in (splits.train, splits.val, splits.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert prepare(cfg()).report.digest == r.digest
