@@ -15,8 +15,12 @@ import typer
 from ray_app.config import AppConfig, load_config
 from ray_app.errors import AppError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Prepare, train, evaluate, register and promote the projects classifier on Ray + MLflow.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prepare, train, evaluate, register and promote the projects classifier on Ray + MLflow.",
+)
 log = logging.getLogger("ray_app")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")]
@@ -32,8 +36,13 @@ def write_results(stage: str, payload: dict[str, Any], results_dir: Path) -> Pat
     return path
 
 
-def _run(stage: str, config: Path | None, overrides: list[str] | None, results_dir: Path,
-         body: Callable[[AppConfig], dict[str, Any]]) -> None:
+def _run(
+    stage: str,
+    config: Path | None,
+    overrides: list[str] | None,
+    results_dir: Path,
+    body: Callable[[AppConfig], dict[str, Any]],
+) -> None:
     """Shared edges: config, logging, error handling and the results file."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -95,7 +104,9 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt
 def _latest_train_results(results_dir: Path) -> dict[str, Any]:
     files = sorted(results_dir.glob("train-*.json")) + sorted(results_dir.glob("pipeline-*.json"))
     if not files:
-        raise AppError(f"no train results in {results_dir}; run `ray-app train` first or pass --checkpoint and --run-id")
+        raise AppError(
+            f"no train results in {results_dir}; run `ray-app train` first or pass --checkpoint and --run-id"
+        )
     return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
 
 
@@ -103,7 +114,9 @@ def _latest_train_results(results_dir: Path) -> dict[str, Any]:
 def register(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint path or URI (default: latest train results)")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Checkpoint path or URI (default: latest train results)")
+    ] = None,
     run_id: Annotated[str | None, typer.Option(help="Training run to log the model into")] = None,
     results_dir: ResultsOpt = Path("results"),
 ) -> None:
@@ -176,7 +189,8 @@ def promote(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsO
     """Move `champion` to the challenger if it clears the minimum and beats the champion by the margin."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
-        from ray_app.registry import aliases, promote as gate
+        from ray_app.registry import aliases
+        from ray_app.registry import promote as gate
 
         tracking = _connect(cfg, ray=False)
         decision = gate(cfg.registry)
@@ -190,7 +204,8 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
     """Move `champion` back to the `previous` version."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
-        from ray_app.registry import aliases, rollback as back
+        from ray_app.registry import aliases
+        from ray_app.registry import rollback as back
 
         tracking = _connect(cfg, ray=False)
         return {"tracking_uri": tracking.uri, **back(cfg.registry), "aliases": aliases(cfg.registry)}

@@ -6,6 +6,7 @@ silently ignored half-way through a training run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -77,6 +78,7 @@ class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
+    shuffle_buffer: int = Field(1000, ge=0, description="Rows in Ray Data's local shuffle buffer; 0 disables.")
     lr: float = Field(1e-4, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -172,10 +174,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise AppError(f"override {item!r} has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return parts, value
 
 

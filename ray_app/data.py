@@ -101,7 +101,9 @@ def _check_file(path: str) -> None:
         return
     p = Path(path)
     if not p.is_file():
-        raise AppError(f"data file {path} does not exist; set data.path to a CSV with columns id, title, description, tag")
+        raise AppError(
+            f"data file {path} does not exist; set data.path to a CSV with columns id, title, description, tag"
+        )
     try:
         with p.open("rb") as fh:
             fh.read(1)
@@ -134,25 +136,39 @@ def read_validated(cfg: DataConfig) -> tuple[pd.DataFrame, list[str]]:
         return "skip"
 
     required = [cfg.id_column, *cfg.text_columns, cfg.label_column]
-    try:
-        ds = ray.data.read_csv(
-            cfg.path,
-            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_malformed),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in required}),
-        )
-        columns = ds.columns()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps pyarrow's errors; the message is what matters
-        raise AppError(f"data file {cfg.path} could not be parsed as CSV: {str(exc).splitlines()[0]}") from None
+    columns = _header(cfg.path)
     missing = [c for c in required if c not in columns]
     if missing:
         raise AppError(
             f"data file {cfg.path} lacks required column(s) {missing}; it has {columns}. "
             "Fix the file or set data.id_column / data.text_columns / data.label_column"
         )
+    ds = ray.data.read_csv(
+        cfg.path,
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_malformed),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in required}),
+    )
     validated = ds.map_batches(validate_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas").to_pandas()
     malformed = ray.get(counter.get.remote())
     ray.kill(counter)
     return validated, malformed
+
+
+def _header(path: str) -> list[str]:
+    """Column names from the first block only, so a missing column fails before Ray reads the whole file."""
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path) if "://" in path else (fs.LocalFileSystem(), path)
+    try:
+        with filesystem.open_input_stream(inner) as stream:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=1 << 16),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda _: "skip"),
+            )
+            return reader.schema.names
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AppError(f"data file {path} could not be parsed as CSV: {str(exc).splitlines()[0]}") from None
 
 
 def _stable_hash(value: str, salt: str) -> float:
@@ -182,8 +198,8 @@ def assign_splits(frame: pd.DataFrame, cfg: DataConfig) -> pd.Series:
     ranks = frame[cfg.id_column].map(lambda i: _stable_hash(str(i), cfg.split.salt))
     for _, group in frame.groupby("label"):
         order = ranks[group.index].sort_values(kind="stable").index
-        n_test = int(round(len(order) * cfg.split.test_fraction))
-        n_val = int(round(len(order) * cfg.split.val_fraction))
+        n_test = round(len(order) * cfg.split.test_fraction)
+        n_val = round(len(order) * cfg.split.val_fraction)
         split[order[:n_test]] = "test"
         split[order[n_test : n_test + n_val]] = "val"
     return split

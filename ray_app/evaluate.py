@@ -10,21 +10,21 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
     f1_score,
     precision_recall_fscore_support,
 )
-from sklearn.pipeline import FeatureUnion, make_pipeline  # noqa: E402
+from sklearn.pipeline import FeatureUnion, make_pipeline
 
-from ray_app.config import EvaluateConfig  # noqa: E402
-from ray_app.model import TextClassifier, join_text  # noqa: E402
+from ray_app.config import EvaluateConfig
+from ray_app.model import TextClassifier, join_text
 
 log = logging.getLogger("ray_app")
 
@@ -91,10 +91,17 @@ def slice_masks(frame: pd.DataFrame, texts: list[str], cfg: EvaluateConfig) -> d
     """Short texts, and texts that mention a term typical of another class than their own."""
     words = np.array([len(t.split()) for t in texts])
     lowered = [t.lower() for t in texts]
-    patterns = {label: re.compile(r"\b(" + "|".join(map(re.escape, terms)) + r")\b") for label, terms in
-                cfg.class_terms.items() if terms}
+    patterns = {
+        label: re.compile(r"\b(" + "|".join(map(re.escape, terms)) + r")\b")
+        for label, terms in cfg.class_terms.items()
+        if terms
+    }
+    golds = frame["label"].tolist()
     other_term = np.array(
-        [any(p.search(t) for label, p in patterns.items() if label != gold) for t, gold in zip(lowered, frame["label"])]
+        [
+            any(p.search(t) for label, p in patterns.items() if label != gold)
+            for t, gold in zip(lowered, golds, strict=True)
+        ]
     )
     return {"short_text": words < cfg.short_text_words, "mentions_other_class_term": other_term}
 

@@ -8,6 +8,7 @@ machine, and never by process group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -75,13 +76,22 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
     log = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
         [
-            str(BIN / "mlflow"), "server",
-            "--host", host, "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}",
-            "--artifacts-destination", str((root / "artifacts").resolve()),
-            "--workers", "1",
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{(root / 'mlflow.db').resolve()}",
+            "--artifacts-destination",
+            str((root / "artifacts").resolve()),
+            "--workers",
+            "1",
         ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         _wait_http(f"http://{host}:{port}/health", 90)
@@ -91,18 +101,26 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
     return proc.pid
 
 
-def start_ray_head(temp_dir: Path, port: int, dashboard_port: int, num_cpus: int = 2,
-                   env: dict[str, str] | None = None) -> tuple[str, str, list[int]]:
+def start_ray_head(
+    temp_dir: Path, port: int, dashboard_port: int, num_cpus: int = 2, env: dict[str, str] | None = None
+) -> tuple[str, str, list[int]]:
     """`ray start --head` bound to loopback in its own temp dir; returns (GCS address, dashboard URL, pids)."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(BIN / "ray"), "start", "--head",
+        str(BIN / "ray"),
+        "start",
+        "--head",
         f"--port={port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir.resolve()}",
-        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir.resolve()}",
+        f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, timeout=120)
+    # The venv's bin first on PATH, so a `ray job submit -- ray-app ...` entrypoint finds this install's console script.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PATH": path, **(env or {})}, timeout=120)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{dashboard}/api/version", 60)
@@ -114,19 +132,15 @@ def start_ray_head(temp_dir: Path, port: int, dashboard_port: int, num_cpus: int
 
 def stop_pids(pids: list[int], grace: float = 10.0) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     for pid in pids:
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _alive(pid: int) -> bool:
@@ -165,8 +179,13 @@ def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_
     temp_dir = Path(os.environ.get("RAY_APP_RAY_TMP", f"/tmp/ray_app-{os.getuid()}-{ray_port}"))
     address, dashboard, pids = start_ray_head(temp_dir, ray_port, dashboard_port, num_cpus)
     services = Services(
-        address, dashboard, f"http://127.0.0.1:{mlflow_port}", str(temp_dir), str((root / "mlflow").resolve()),
-        mlflow_pid, pids,
+        address,
+        dashboard,
+        f"http://127.0.0.1:{mlflow_port}",
+        str(temp_dir),
+        str((root / "mlflow").resolve()),
+        mlflow_pid,
+        pids,
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(asdict(services), indent=2))
@@ -181,8 +200,12 @@ def down(state_file: Path) -> None:
         print("nothing to stop")
         return
     state = Services(**json.loads(state_file.read_text()))
-    subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", state.dashboard_url],
-                   capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        [str(BIN / "serve"), "shutdown", "-y", "--address", state.dashboard_url],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     stop_ray_head(Path(state.ray_temp_dir), state.ray_pids)
     stop_mlflow(state.mlflow_pid, Path(state.mlflow_dir))
     state_file.unlink()

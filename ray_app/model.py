@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,11 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (local / "config.json").is_file():
             raise AppError(f"model directory {local} has no config.json; point model.name_or_path at a saved model")
         return str(local.resolve())
-    looks_local = name_or_path.startswith(("/", ".", "~")) or (
-        len(local.parts) > 1 and Path(local.parts[0]).is_dir()
-    ) or len(local.parts) > 2
+    looks_local = (
+        name_or_path.startswith(("/", ".", "~"))
+        or (len(local.parts) > 1 and Path(local.parts[0]).is_dir())
+        or len(local.parts) > 2
+    )
     if looks_local:
         raise AppError(
             f"model path {name_or_path} does not exist; create it (for the smoke config: "

@@ -5,8 +5,8 @@ Kept apart from the rest of the package so that loading a registered model impor
 
 from __future__ import annotations
 
-import pandas as pd
 import mlflow.pyfunc
+import pandas as pd
 
 from ray_app.model import TextClassifier
 

@@ -137,8 +137,17 @@ def promote(cfg: RegistryConfig) -> GateDecision:
     rows = frozen_test_rows(client, name, challenger)
     challenger_score = score_version(name, challenger, rows, cfg.metric)
     if champion == challenger:
-        return GateDecision(False, "challenger is already champion", challenger, champion, champion,
-                            challenger_score, challenger_score, cfg.metric, len(rows))
+        return GateDecision(
+            False,
+            "challenger is already champion",
+            challenger,
+            champion,
+            champion,
+            challenger_score,
+            challenger_score,
+            cfg.metric,
+            len(rows),
+        )
     champion_score = score_version(name, champion, rows, cfg.metric) if champion else None
     promoted, reason = decide(challenger_score, champion_score, cfg)
     if promoted:
@@ -147,8 +156,17 @@ def promote(cfg: RegistryConfig) -> GateDecision:
         client.set_registered_model_alias(name, CHAMPION, challenger)
     client.set_model_version_tag(name, challenger, "gate", f"{'promoted' if promoted else 'held'}: {reason}")
     log.warning("promotion gate: %s", reason)
-    return GateDecision(promoted, reason, challenger, champion, challenger if promoted else champion,
-                        challenger_score, champion_score, cfg.metric, len(rows))
+    return GateDecision(
+        promoted,
+        reason,
+        challenger,
+        champion,
+        challenger if promoted else champion,
+        challenger_score,
+        champion_score,
+        cfg.metric,
+        len(rows),
+    )
 
 
 def rollback(cfg: RegistryConfig) -> dict[str, Any]:

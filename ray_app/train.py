@@ -52,7 +52,7 @@ class TrimPadding(NumpyBatchCollateFn):
     """Dynamic padding: rows were padded to max_length in Ray Data; cut every batch to its longest real row."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        mask = batch["attention_mask"]
+        mask = batch["attention_mask"]  # Ray's blocks are read-only: slicing + as_tensor copies, no in-place use
         width = max(int(mask.sum(axis=1).max()), 1)
         return {
             "input_ids": torch.as_tensor(batch["input_ids"][:, :width], dtype=torch.long),
@@ -157,7 +157,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=TrimPadding())
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            collate_fn=TrimPadding(),
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 1000 + epoch if cfg.shuffle_buffer else None,
+        )
         for batch in _progress(batches, rank, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:

@@ -76,8 +76,9 @@ def smoke_run(mlflow_server: str, ray_cluster: dict[str, str], tiny_model: Path,
     from ray_app.pipeline import run_pipeline
     from ray_app.runtime import connect_ray, setup_mlflow
 
-    cfg = smoke_config(mlflow_server, ray_cluster["address"], tiny_model, storage,
-                       f"registry.model_name=smoke-{uuid.uuid4().hex[:6]}")
+    cfg = smoke_config(
+        mlflow_server, ray_cluster["address"], tiny_model, storage, f"registry.model_name=smoke-{uuid.uuid4().hex[:6]}"
+    )
     tracking = setup_mlflow(cfg)
     connect_ray(cfg)
     return cfg, run_pipeline(cfg, tracking)

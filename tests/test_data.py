@@ -83,7 +83,9 @@ def bad_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_prepare_counts_every_bad_row_by_reason(ray_cluster, bad_file: Path) -> None:
     splits = prepare(
-        DataConfig(path=str(bad_file), unknown_label=None, label_aliases={"cv": "computer-vision"}, max_bad_fraction=0.5)
+        DataConfig(
+            path=str(bad_file), unknown_label=None, label_aliases={"cv": "computer-vision"}, max_bad_fraction=0.5
+        )
     )
     r = splits.report
     assert r.bad_rows == {

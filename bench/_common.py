@@ -1,0 +1,105 @@
+"""Shared plumbing for the bench scripts: the same CLI, Ray connection, table and JSON format in both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_app.config import AppConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+Row = dict[str, Any]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every bench script shares, so a full-size run is spelt the same way for both."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--address", default=None, help="Ray cluster to join; default: a fresh local 2-CPU instance")
+    return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1: the table reports medians over repeats")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:  # timings on a 2-core box shared with other work are noise, not a result
+        print(f"WARNING: load average {load:.1f} > {cores} cores; other work will distort these timings")
+    return args
+
+
+def config(args: argparse.Namespace, *extra: str) -> AppConfig:
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def connect(address: str | None) -> float:
+    """A fresh local instance (address='local' ignores any cluster a `ray start` left behind); returns its seconds."""
+    import ray
+    from ray.data import DataContext
+
+    started = time.perf_counter()
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=2, logging_level=logging.WARNING)
+    DataContext.get_current().enable_progress_bars = False  # bars cost little but bury the table
+    return time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(value: float, baseline: float) -> float:
+    return value / baseline if baseline else float("nan")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if value.is_integer() and abs(value) >= 100:
+            return str(int(value))
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def report(name: str, baseline: str, other: str, rows: list[Row], args: argparse.Namespace, extra: Row) -> str:
+    """Print the markdown table (columns: metric, baseline, other, other/baseline) and write bench/results/NAME.json.
+
+    Each row is {"metric", baseline: value, other: value}; the ratio is computed here, the same way for every script.
+    """
+    for row in rows:  # a row where one side has no number (None) has no ratio either
+        both = row[baseline] is not None and row[other] is not None
+        row["ratio"] = ratio(row[other], row[baseline]) if both else None
+    header = ["metric", baseline, other, f"{other}/{baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [f"| {r['metric']} | {_fmt(r[baseline])} | {_fmt(r[other])} | {_fmt(r['ratio'])} |" for r in rows]
+    table = "\n".join(lines)
+    print(f"\n{name}: medians over {args.repeats} repeat(s); baseline = {baseline}\n{table}\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "name": name,
+        "baseline": baseline,
+        "config": args.config,
+        "overrides": args.overrides,
+        "repeats": args.repeats,
+        "load_average_at_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        **extra,
+    }
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {out}")
+    return table

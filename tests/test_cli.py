@@ -1,0 +1,109 @@
+"""The CLI as users run it: one clear error line and a non-zero exit for each kind of mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_app.local import free_port
+
+from .conftest import ROOT
+
+RAY_APP = str(Path(sys.executable).parent / "ray-app")
+
+
+def ray_app(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    return subprocess.run([RAY_APP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: " in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unknown_config_key() -> None:
+    assert_clean_error(ray_app("pipeline", "--set", "train.bogus=1"), "train.bogus: unknown key")
+
+
+def test_missing_config_file() -> None:
+    assert_clean_error(ray_app("train", "--config", "configs/nope.yaml"), "configs/nope.yaml does not exist")
+
+
+def test_tracking_server_down() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert_clean_error(ray_app("promote", "--set", f"mlflow.tracking_uri={url}"), url, "not reachable")
+
+
+def test_model_path_that_does_not_exist(mlflow_server) -> None:
+    proc = ray_app(
+        "pipeline",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        "model.name_or_path=./no/such/model",
+        "--set",
+        f"mlflow.tracking_uri={mlflow_server}",
+    )
+    assert_clean_error(proc, "model path ./no/such/model does not exist")
+
+
+@pytest.mark.slow
+def test_missing_data_file(mlflow_server, ray_cluster) -> None:
+    proc = ray_app(
+        "data",
+        "--set",
+        "data.path=/no/such.csv",
+        "--set",
+        f"mlflow.tracking_uri={mlflow_server}",
+        "--set",
+        f"ray.address={ray_cluster['address']}",
+    )
+    assert_clean_error(proc, "data file /no/such.csv does not exist")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_smoke_pipeline(mlflow_server, ray_cluster, tiny_model, storage, tmp_path) -> None:
+    """`ray job submit --working-dir .` against the session's `ray start --head`, as README and make run do."""
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster["dashboard"],
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "ray-app",
+        "pipeline",
+        "-c",
+        "configs/smoke.yaml",
+        "--results-dir",
+        str(tmp_path),
+        "--set",
+        f"mlflow.tracking_uri={mlflow_server}",
+        "--set",
+        f"model.name_or_path={tiny_model}",
+        "--set",
+        f"train.storage_path={storage}",
+        "--set",
+        "mlflow.experiment=smoke-job",
+        "--set",
+        "registry.model_name=smoke-job",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "token"}
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "succeeded" in proc.stdout
+    (results,) = tmp_path.glob("pipeline-*.json")
+    payload = json.loads(results.read_text())
+    assert payload["model"]["aliases"]["champion"] == payload["model"]["version"]

@@ -1,0 +1,78 @@
+"""The whole pipeline on the smoke config against a real `ray start --head` and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_end_to_end(smoke_run) -> None:
+    _cfg, results = smoke_run
+    model = results["model"]
+    assert model["aliases"] == {"challenger": model["version"], "champion": model["version"]}
+    assert results["promotion"]["promoted"] and "first champion" in results["promotion"]["reason"]
+    assert set(results["durations_s"]) == {"data", "train", "evaluate", "register", "promote"}
+    assert set(results["test_metrics"]) == {"accuracy", "f1_weighted", "f1_macro"}
+    assert (
+        results["vs_baseline"]["ci_low"]
+        <= results["vs_baseline"]["f1_weighted_diff"]
+        <= results["vs_baseline"]["ci_high"]
+    )
+    assert results["data"]["split_sizes"]["train"] > 0 and results["train"]["best_metrics"]["epoch"] >= 1
+    json.dumps(results)  # the results JSON must serialise
+
+
+def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
+    cfg, results = smoke_run
+    run = mlflow.get_run(results["run_id"])
+    assert run.data.params["train.epochs"] == str(cfg.train.epochs)
+    assert run.data.tags["data_digest"] == results["data"]["digest"]
+    assert {"test_f1_weighted", "test_baseline_f1_weighted", "val_f1_weighted", "data.rows_train"} <= set(
+        run.data.metrics
+    )
+    contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation", "test"}
+    client = MlflowClient()
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    files |= {
+        f.path for d in ("data", "training", "evaluation/test") for f in client.list_artifacts(run.info.run_id, d)
+    }
+    for expected in (
+        "config.yaml",
+        "data/report.json",
+        "data/test_split.csv",
+        "training/learning_curves.png",
+        "evaluation/test/confusion_matrix.png",
+        "evaluation/test/worst_errors.html",
+    ):
+        assert expected in files, f"{expected} missing from {sorted(files)}"
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_weighted")]
+    assert epochs == list(range(1, cfg.train.epochs + 1))
+
+
+def test_registered_model_loads_in_a_fresh_process(smoke_run) -> None:
+    cfg, results = smoke_run
+    code = textwrap.dedent(
+        f"""
+        import mlflow, pandas as pd
+        mlflow.set_tracking_uri({results["tracking_uri"]!r})
+        model = mlflow.pyfunc.load_model("models:/{cfg.registry.model_name}@champion")
+        out = model.predict(pd.DataFrame({{"title": ["YOLO for video", "BERT summaries"],
+                                          "description": ["real-time object detection", "text"]}}))
+        probs = out.filter(like="prob_")
+        assert list(out.columns)[0] == "label" and probs.shape == (2, 4), out
+        assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
+        print("OK", out["label"].tolist())
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK")
