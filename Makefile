@@ -11,6 +11,8 @@ DASHBOARD_PORT ?= 8265
 CONFIG ?= configs/default.yaml
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
+# Ray token authentication on (Ray's default for `ray start`); explicit-address clients must opt in to sending it.
+export RAY_AUTH_MODE ?= token
 
 .PHONY: help venv run up stop test lint lock clean tiny-model
 
@@ -44,6 +46,7 @@ up: venv
 run: up
 	@echo "== submitting the pipeline ($(CONFIG)) to the Ray head; logs stream below =="
 	$(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
+	  --runtime-env-json '{"env_vars": {"RAY_APP_GIT_COMMIT": "$(shell git rev-parse HEAD 2>/dev/null || echo unknown)"}}' \
 	  -- ray-app pipeline --config $(CONFIG) --results-dir $(CURDIR)/results \
 	     --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
 	@echo "== done =="

@@ -29,7 +29,7 @@ from _common import config, connect, median, parse, parser, report
 from ray_app.config import AppConfig
 from ray_app.data import Splits, prepare, tokenize
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
-from ray_app.train import HISTORY_FILE, TrimPadding, _evaluate, _save_checkpoint, build_trainer, class_weights
+from ray_app.train import HISTORY_FILE, _evaluate, _save_checkpoint, build_trainer, class_weights, length_bucketed
 
 Rows = dict[str, np.ndarray]
 
@@ -40,11 +40,16 @@ def load_rows(cfg: AppConfig, splits: Splits) -> dict[str, Rows]:
     return {name: ds.take_batch(batch_size=ds.count(), batch_format="numpy") for name, ds in datasets.items()}
 
 
-def batches(rows: Rows, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """In order, no shuffle (as Ray's shard iterator), each batch trimmed to its longest row by the same TrimPadding."""
-    collate = TrimPadding()
-    for start in range(0, len(rows["labels"]), batch_size):
-        yield collate({k: v[start : start + batch_size] for k, v in rows.items()})
+def batches(
+    rows: Rows, batch_size: int, seed: int | None = None, buckets: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled per epoch when a seed is given (as Ray's local shuffle buffer does for training), then the same
+    length bucketing and per-batch trimming as Ray's loop (`length_bucketed`)."""
+    n = len(rows["labels"])
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    block = batch_size * buckets
+    blocks = ({k: v[order[i : i + block]] for k, v in rows.items()} for i in range(0, n, block))
+    yield from length_bucketed(blocks, batch_size, np.random.default_rng(seed))
 
 
 def plain_run(cfg: AppConfig, splits: Splits, rows: dict[str, Rows]) -> dict[str, Any]:
@@ -69,7 +74,8 @@ def plain_run(cfg: AppConfig, splits: Splits, rows: dict[str, Rows]) -> dict[str
     for epoch in range(1, tc.epochs + 1):
         model.train()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        for batch in batches(rows["train"], tc.batch_size):
+        seed = tc.seed * 1000 + epoch if tc.shuffle_buffer else None
+        for batch in batches(rows["train"], tc.batch_size, seed, tc.length_buckets):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -161,11 +161,8 @@ def evaluate(
 
         tracking = _connect(cfg)
         uri = model or f"models:/{cfg.registry.model_name}@challenger"
-        splits = prepare(cfg.data)
-        rows = splits.test
-        if data_file is not None:
-            rows = prepare(cfg.data.model_copy(update={"path": str(data_file), "max_rows": None}))
-            rows = _all_rows(rows)
+        splits = prepare(cfg.data)  # the training split trains the baseline; its test split is the default rows
+        rows = splits.test if data_file is None else labelled_rows(cfg, data_file)
         try:
             clf = mlflow.pyfunc.load_model(uri).unwrap_python_model().classifier
         except mlflow.exceptions.MlflowException as exc:
@@ -178,10 +175,14 @@ def evaluate(
     _run("evaluate", config, set_, results_dir, body)
 
 
-def _all_rows(splits) -> Any:
+def labelled_rows(cfg: AppConfig, path: Path):
+    """Every valid row of another labelled CSV, checked by the same row rules as the training data."""
     import pandas as pd
 
-    return pd.concat([splits.train, splits.val, splits.test], ignore_index=True)
+    from ray_app.data import prepare
+
+    other = prepare(cfg.data.model_copy(update={"path": str(path), "max_rows": None}))
+    return pd.concat([other.train, other.val, other.test], ignore_index=True)
 
 
 @app.command()

@@ -79,6 +79,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     shuffle_buffer: int = Field(1000, ge=0, description="Rows in Ray Data's local shuffle buffer; 0 disables.")
+    length_buckets: int = Field(
+        4, ge=1, description="Batches per length-sorted block (less padding); 1 gives plain random batches."
+    )
     lr: float = Field(1e-4, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -157,7 +160,7 @@ class AppConfig(_Section):
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key != "class_terms":
+        if isinstance(value, dict) and value:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

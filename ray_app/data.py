@@ -22,7 +22,7 @@ from pyarrow import csv as pacsv
 
 from ray_app.config import DataConfig
 from ray_app.errors import AppError
-from ray_app.model import join_text, load_tokenizer
+from ray_app.text import join_text
 
 log = logging.getLogger("ray_app")
 SPLITS = ("train", "val", "test")
@@ -278,6 +278,8 @@ class Tokenize:
     """Ray Data callable class: the fast tokenizer is loaded once per actor, not per batch."""
 
     def __init__(self, tokenizer_path: str, labels: list[str], max_length: int) -> None:
+        from ray_app.model import load_tokenizer  # here, so read and validate tasks never import torch
+
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.label_ids = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
@@ -324,9 +326,8 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
     import mlflow
 
     for name, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-        ds = mlflow.data.from_pandas(
-            splits.frame(name), source=cfg.path, name=f"projects-{name}", targets="label", digest=None
-        )
+        source = cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve())
+        ds = mlflow.data.from_pandas(splits.frame(name), source=source, name=f"projects-{name}", targets="label")
         mlflow.log_input(ds, context=context, tags={"data_digest": splits.report.digest})
     metrics = {f"data.rows_{n}": v for n, v in splits.report.split_sizes.items()}
     metrics.update({f"data.bad_{r}": v for r, v in splits.report.bad_rows.items()})

@@ -24,7 +24,8 @@ from sklearn.metrics import (
 from sklearn.pipeline import FeatureUnion, make_pipeline
 
 from ray_app.config import EvaluateConfig
-from ray_app.model import TextClassifier, join_text
+from ray_app.model import TextClassifier
+from ray_app.text import join_text
 
 log = logging.getLogger("ray_app")
 

@@ -130,6 +130,25 @@ def start_ray_head(
     return f"127.0.0.1:{port}", dashboard, pids_of(str(temp_dir.resolve()))
 
 
+def with_descendants(pids: list[int]) -> list[int]:
+    """The pids and every process below them: Ray renames its workers and agents (`ray::IDLE`), so only their
+    parentage says which cluster they belong to."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
 def stop_pids(pids: list[int], grace: float = 10.0) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -155,13 +174,13 @@ def _alive(pid: int) -> bool:
 
 
 def stop_mlflow(pid: int, root: Path) -> None:
-    stop_pids([pid, *pids_of(str(root.resolve()))])
+    stop_pids(with_descendants([pid, *pids_of(str(root.resolve()))]))
 
 
 def stop_ray_head(temp_dir: Path, known: list[int] | None = None) -> None:
-    """Serve first (its controller outlives a dead raylet), then every process of this cluster."""
+    """Every process of this cluster: those naming its temp dir, and everything they started."""
     marker = str(temp_dir.resolve())
-    stop_pids(sorted(set(pids_of(marker)) | set(known or [])))
+    stop_pids(with_descendants(sorted(set(pids_of(marker)) | set(known or []))))
 
 
 def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_port: int, num_cpus: int) -> Services:

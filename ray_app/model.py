@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ray_app.errors import AppError
+from ray_app.text import join_text
 
 BUNDLED_PREFIX = "bundled:"
-TEXT_SEPARATOR = ". "
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -45,12 +45,6 @@ def resolve_model_path(name_or_path: str) -> str:
             "a hub name, or bundled:all-MiniLM-L6-v2"
         )
     return name_or_path
-
-
-def join_text(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
-    """The model reads one string per row: the text columns joined, missing parts skipped."""
-    parts = frame[list(columns)].fillna("").astype(str)
-    return [TEXT_SEPARATOR.join(p.strip() for p in row if p.strip()) for row in parts.itertuples(index=False)]
 
 
 def _load_error(name_or_path: str, exc: Exception) -> AppError:

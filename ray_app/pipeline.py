@@ -132,7 +132,7 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
     if cfg.pipeline.promote:
         with timer.stage("promote"):
             decision = promote(cfg.registry)
-    return {
+    results = {
         "tracking_uri": tracking.uri,
         "experiment": tracking.experiment_name,
         "experiment_id": tracking.experiment_id,
@@ -146,3 +146,5 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
         "promotion": decision.to_dict() if decision else None,
         "durations_s": timer.durations,
     }
+    mlflow.MlflowClient().log_dict(run_id, results, "results/pipeline.json")  # found there when the job ran remotely
+    return results

@@ -92,11 +92,14 @@ def connect_ray(cfg: AppConfig) -> None:
 
 
 def git_commit() -> str:
-    """The commit the code came from, if it is a git checkout (a Ray job's working dir usually is not)."""
+    """The commit the code came from: RAY_APP_GIT_COMMIT (set by `make run`, since a Ray job's working dir is an
+    unpacked copy without .git), else the checkout's HEAD."""
     import subprocess
 
+    if os.environ.get("RAY_APP_GIT_COMMIT"):
+        return os.environ["RAY_APP_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("RAY_APP_GIT_COMMIT", "unknown")
+        return "unknown"

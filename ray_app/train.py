@@ -7,6 +7,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,22 @@ class TrimPadding(NumpyBatchCollateFn):
             "attention_mask": torch.as_tensor(mask[:, :width], dtype=torch.long),
             "labels": torch.as_tensor(batch["labels"], dtype=torch.long),
         }
+
+
+def length_bucketed(
+    blocks: Iterable[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each block of several batches' rows is sorted by length, cut into batches and served in random order.
+
+    Rows of similar length share a batch, so trimming pads far less (about 40 % of tokens are padding with random
+    batches on this data), while the shuffle buffer upstream still mixes which rows meet in a block.
+    """
+    collate = TrimPadding()
+    for block in blocks:
+        order = np.argsort(block["attention_mask"].sum(axis=1), kind="stable")
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for j in rng.permutation(len(chunks)):
+            yield collate({k: v[chunks[j]] for k, v in block.items()})
 
 
 def _evaluate(model: torch.nn.Module, batches, device: torch.device, loss_fn) -> dict[str, float]:
@@ -157,12 +174,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            collate_fn=TrimPadding(),
+        seed = cfg.seed * 1000 + epoch
+        blocks = train_shard.iter_batches(
+            batch_size=cfg.batch_size * cfg.length_buckets,
+            batch_format="numpy",
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed * 1000 + epoch if cfg.shuffle_buffer else None,
+            local_shuffle_seed=seed if cfg.shuffle_buffer else None,
         )
+        batches = length_bucketed(blocks, cfg.batch_size, np.random.default_rng(seed))
         for batch in _progress(batches, rank, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:

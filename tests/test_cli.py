@@ -107,3 +107,19 @@ def test_ray_job_submit_runs_the_smoke_pipeline(mlflow_server, ray_cluster, tiny
     (results,) = tmp_path.glob("pipeline-*.json")
     payload = json.loads(results.read_text())
     assert payload["model"]["aliases"]["champion"] == payload["model"]["version"]
+
+
+@pytest.mark.slow
+def test_evaluate_a_registered_model_on_any_labelled_csv(smoke_run, tmp_path) -> None:
+    cfg, results = smoke_run
+    proc = ray_app(
+        "evaluate", "-c", "configs/smoke.yaml", "--results-dir", str(tmp_path),
+        "--model", f"models:/{cfg.registry.model_name}@champion", "--data", "data/projects/dataset.csv",
+        "--set", f"mlflow.tracking_uri={results['tracking_uri']}", "--set", f"mlflow.experiment={cfg.mlflow.experiment}",
+        "--set", f"ray.address={cfg.ray.address}", "--set", f"model.name_or_path={cfg.model.name_or_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("evaluate-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["n"] > 700 and set(payload["per_class"]) == set(cfg.data.labels)
+    assert {"f1_weighted", "accuracy"} <= set(payload["baseline"])
