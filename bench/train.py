@@ -29,7 +29,15 @@ from _common import config, connect, median, parse, parser, report
 from ray_app.config import AppConfig
 from ray_app.data import Splits, prepare, tokenize
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
-from ray_app.train import HISTORY_FILE, _evaluate, _save_checkpoint, build_trainer, class_weights, length_bucketed
+from ray_app.train import (
+    HISTORY_FILE,
+    _evaluate,
+    _save_checkpoint,
+    build_trainer,
+    class_weights,
+    length_bucketed,
+    train_step,
+)
 
 Rows = dict[str, np.ndarray]
 
@@ -76,19 +84,9 @@ def plain_run(cfg: AppConfig, splits: Splits, rows: dict[str, Rows]) -> dict[str
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         seed = tc.seed * 1000 + epoch if tc.shuffle_buffer else None
         for batch in batches(rows["train"], tc.batch_size, seed, tc.length_buckets):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits.float(), batch["labels"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, batch, loss_fn, optimizer, scheduler, device, autocast)
             seen += len(batch["labels"])
-            loss_sum += loss.item() * len(batch["labels"])
+            loss_sum += loss * len(batch["labels"])
         t1 = time.perf_counter()
         metrics = _evaluate(model, batches(rows["val"], tc.eval_batch_size), device, loss_fn)
         t2 = time.perf_counter()

@@ -78,6 +78,22 @@ def length_bucketed(
             yield collate({k: v[chunks[j]] for k, v in block.items()})
 
 
+def train_step(model, batch, loss_fn, optimizer, scheduler, device: torch.device, autocast) -> float:
+    """One optimisation step, returning the batch loss; bench/train.py times this same function without Ray."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = loss_fn(logits.float(), batch["labels"])
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _evaluate(model: torch.nn.Module, batches, device: torch.device, loss_fn) -> dict[str, float]:
     model.eval()
     preds, golds, losses = [], [], []
@@ -183,19 +199,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         )
         batches = length_bucketed(blocks, cfg.batch_size, np.random.default_rng(seed))
         for batch in _progress(batches, rank, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}"):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits.float(), batch["labels"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; lower train.lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, batch, loss_fn, optimizer, scheduler, device, autocast)
             seen += len(batch["labels"])
-            loss_sum += loss.item() * len(batch["labels"])
+            loss_sum += loss * len(batch["labels"])
         elapsed = time.perf_counter() - started
         metrics = {
             "epoch": epoch,

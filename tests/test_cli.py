@@ -115,7 +115,8 @@ def test_evaluate_a_registered_model_on_any_labelled_csv(smoke_run, tmp_path) ->
     proc = ray_app(
         "evaluate", "-c", "configs/smoke.yaml", "--results-dir", str(tmp_path),
         "--model", f"models:/{cfg.registry.model_name}@champion", "--data", "data/projects/dataset.csv",
-        "--set", f"mlflow.tracking_uri={results['tracking_uri']}", "--set", f"mlflow.experiment={cfg.mlflow.experiment}",
+        "--set", f"mlflow.tracking_uri={results['tracking_uri']}",
+        "--set", f"mlflow.experiment={cfg.mlflow.experiment}",
         "--set", f"ray.address={cfg.ray.address}", "--set", f"model.name_or_path={cfg.model.name_or_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
