@@ -226,6 +226,18 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
     _run("pipeline", config, set_, results_dir, body)
 
 
+@app.command()
+def tune(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Ray Tune + Optuna search with ASHA; the best trial is evaluated and registered as `challenger`."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.pipeline import run_tune
+
+        return run_tune(cfg, _connect(cfg))
+
+    _run("tune", config, set_, results_dir, body)
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(out: Annotated[Path, typer.Option(help="Directory to write the model to")]) -> None:
     """A tiny random BERT with the bundled tokenizer, for smoke runs and tests (configs/smoke.yaml)."""

@@ -113,6 +113,68 @@ class EvaluateConfig(_Section):
     )
 
 
+TUNABLE = {
+    "lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "warmup_ratio": "train.warmup_ratio",
+    "dropout": "model.dropout",
+    "batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "max_length": "data.max_length",
+}
+
+
+class ParamSpec(_Section):
+    """One search dimension: a range (loguniform, uniform, int) or a list of values (choice)."""
+
+    kind: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range_is_usable(self) -> ParamSpec:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' dimension needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a '{self.kind}' dimension needs low < high (got low={self.low}, high={self.high})")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"a 'loguniform' dimension needs low > 0 (got {self.low})")
+        return self
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(8, ge=1, description="Trials in this search (a resumed study adds this many more).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="null: as many as the cluster's CPUs fit.")
+    metric: str = "val_f1_weighted"
+    mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
+    reduction_factor: int = Field(2, ge=2)
+    storage: str = Field("sqlite:///optuna.db", description="Optuna RDB storage URL (SQLite file, PostgreSQL, ...).")
+    study_name: str = "projects-classifier"
+    space: dict[str, ParamSpec] = Field(
+        default_factory=lambda: {
+            "lr": ParamSpec(kind="loguniform", low=2e-5, high=3e-4),
+            "weight_decay": ParamSpec(kind="uniform", low=0.0, high=0.1),
+            "warmup_ratio": ParamSpec(kind="uniform", low=0.0, high=0.2),
+        }
+    )
+
+    @model_validator(mode="after")
+    def _known_params(self) -> TuneConfig:
+        unknown = sorted(set(self.space) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"tune.space has unknown parameter(s) {unknown}; allowed: {sorted(TUNABLE)}")
+        if not self.space:
+            raise ValueError("tune.space is empty; give at least one parameter to search")
+        return self
+
+
 class RegistryConfig(_Section):
     model_name: str = "projects-classifier"
     metric: Literal["f1_weighted", "f1_macro", "accuracy"] = "f1_weighted"
@@ -146,6 +208,7 @@ class AppConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def fingerprint(self) -> str:
         """Hash of what determines the model (data, model, train), not where it runs or logs."""

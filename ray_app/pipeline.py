@@ -113,6 +113,52 @@ def register_checkpoint(cfg: AppConfig, splits: Splits, checkpoint_path: str, ru
     return register(cfg, model_uri, run_id, tags)
 
 
+def with_absolute_paths(cfg: AppConfig) -> AppConfig:
+    """Local model and storage paths made absolute here, so a trial's or worker's working directory cannot change them;
+    a model path that does not exist fails now."""
+    storage = cfg.train.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"name_or_path": resolve_model_path(cfg.model.name_or_path)}),
+            "train": cfg.train.model_copy(update={"storage_path": storage}),
+        }
+    )
+
+
+def run_tune(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
+    """Search in one parent run with a nested run per trial; the best trial's best checkpoint is evaluated on the
+    test split and registered as `challenger` (no retraining)."""
+    from ray.train import Checkpoint
+
+    from ray_app.tune import run_search
+
+    cfg = with_absolute_paths(cfg)  # Tune runs each trial in its own working directory
+    timer = Timer()
+    with timer.stage("data"):
+        splits = prepare(cfg.data)
+    with mlflow.start_run(run_name=f"tune-{cfg.tune.study_name}", tags={"ray_app.stage": "tune"}) as run:
+        log_config(cfg)
+        log_data(splits, cfg.data)
+        with timer.stage("search"):
+            found = run_search(cfg, tracking, splits)
+        with timer.stage("evaluate"), Checkpoint(found.best_checkpoint_path).as_directory() as ckpt:
+            evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
+        with timer.stage("register"):
+            registered = register_checkpoint(cfg, splits, found.best_checkpoint_path, run.info.run_id)
+    return {
+        "tracking_uri": tracking.uri,
+        "experiment": tracking.experiment_name,
+        "run_id": run.info.run_id,
+        "search": found.to_dict(),
+        "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
+        "test_metrics": evaluation.metrics,
+        "baseline_test_metrics": evaluation.baseline,
+        "durations_s": timer.durations,
+    }
+
+
 def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
     """data -> train -> evaluate -> register -> promote, all in one MLflow run; returns the results JSON."""
     from ray.train import Checkpoint

@@ -250,7 +250,14 @@ def _agree_to_stop(stop: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def build_trainer(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: str | None, run_id: str | None):
+def build_trainer(
+    cfg: AppConfig,
+    splits: Splits,
+    run_name: str,
+    tracking_uri: str | None,
+    run_id: str | None,
+    callbacks: list | None = None,
+):
     """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -283,6 +290,7 @@ def build_trainer(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: s
                 num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
