@@ -132,7 +132,8 @@ def read_validated(cfg: DataConfig) -> tuple[pd.DataFrame, list[str]]:
     counter = ray.remote(num_cpus=0)(_MalformedCounter).remote()
 
     def skip_malformed(row: Any) -> str:
-        counter.add.remote(row.number, str(row.text)[:200])
+        # Wait for the actor: a fire-and-forget call could still be in flight when the driver asks for the count.
+        ray.get(counter.add.remote(row.number, str(row.text)[:200]))
         return "skip"
 
     required = [cfg.id_column, *cfg.text_columns, cfg.label_column]
