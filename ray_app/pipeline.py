@@ -187,6 +187,8 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
         "data": splits.report.to_dict() | {"bad_examples": len(splits.report.bad_examples)},
         "train": {k: v for k, v in trained.to_dict().items() if k != "history"},
         "test_metrics": evaluation.metrics,
+        "test_per_class": evaluation.per_class,
+        "test_slices": evaluation.slices,
         "baseline_test_metrics": evaluation.baseline,
         "vs_baseline": evaluation.difference,
         "promotion": decision.to_dict() if decision else None,

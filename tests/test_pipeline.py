@@ -15,12 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_pipeline_end_to_end(smoke_run) -> None:
-    _cfg, results = smoke_run
+    cfg, results = smoke_run
     model = results["model"]
     assert model["aliases"] == {"challenger": model["version"], "champion": model["version"]}
     assert results["promotion"]["promoted"] and "first champion" in results["promotion"]["reason"]
     assert set(results["durations_s"]) == {"data", "train", "evaluate", "register", "promote"}
     assert set(results["test_metrics"]) == {"accuracy", "f1_weighted", "f1_macro"}
+    assert set(results["test_per_class"]) == set(cfg.data.labels) and results["test_slices"]
     assert (
         results["vs_baseline"]["ci_low"]
         <= results["vs_baseline"]["f1_weighted_diff"]
