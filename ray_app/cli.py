@@ -214,6 +214,28 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
     _run("rollback", config, set_, results_dir, body)
 
 
+@app.command("canary-report")
+def canary_report(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Challenger vs champion on live traffic from the prediction log: promote, hold or roll back, with the numbers."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.registry import CHALLENGER, CHAMPION, aliases
+        from ray_app.serve.report import canary_report as report
+        from ray_app.serve.report import format_report, read_log
+
+        tracking = _connect(cfg, ray=False)
+        current = aliases(cfg.registry)
+        missing = [a for a in (CHAMPION, CHALLENGER) if a not in current]
+        if missing:
+            raise AppError(f"model {cfg.registry.model_name} has no {' or '.join(missing)} alias to compare")
+        frame = read_log(cfg.canary.log_uri, cfg.canary.window_minutes)
+        result = report(frame, current[CHAMPION], current[CHALLENGER], cfg.canary)
+        typer.echo(format_report(result))
+        return {"tracking_uri": tracking.uri, "model": cfg.registry.model_name, "log_uri": cfg.canary.log_uri, **result}
+
+    _run("canary-report", config, set_, results_dir, body)
+
+
 @app.command()
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
     """data -> train -> evaluate -> register -> promote, in one MLflow run."""

@@ -195,6 +195,17 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(2, ge=1, description="CPUs of a local instance started by ray-app itself.")
 
 
+class CanaryConfig(_Section):
+    """`ray-app canary-report`: the challenger against the champion on live traffic from the prediction log."""
+
+    log_uri: str = Field("~/ray_app/prediction_log", description="The prediction log (serve_config.yaml's uri).")
+    window_minutes: float | None = Field(60, gt=0, description="Only the last N minutes of the log; null: all.")
+    min_requests: int = Field(50, ge=1, description="Fewer challenger requests than this: hold.")
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p99_ms: float = Field(250, gt=0)
+    min_agreement: float = Field(0.9, ge=0, le=1, description="Shadow mode: challenger must agree this often.")
+
+
 class PipelineConfig(_Section):
     promote: bool = Field(True, description="Run the promotion gate after registering.")
 
@@ -208,6 +219,7 @@ class AppConfig(_Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def fingerprint(self) -> str:

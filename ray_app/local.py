@@ -33,6 +33,7 @@ class Services:
     mlflow_dir: str
     mlflow_pid: int
     ray_pids: list[int]
+    metrics_url: str = ""
 
 
 def free_port() -> int:
@@ -102,9 +103,17 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
 
 
 def start_ray_head(
-    temp_dir: Path, port: int, dashboard_port: int, num_cpus: int = 2, env: dict[str, str] | None = None
+    temp_dir: Path,
+    port: int,
+    dashboard_port: int,
+    num_cpus: int = 2,
+    env: dict[str, str] | None = None,
+    metrics_port: int | None = None,
 ) -> tuple[str, str, list[int]]:
-    """`ray start --head` bound to loopback in its own temp dir; returns (GCS address, dashboard URL, pids)."""
+    """`ray start --head` bound to loopback in its own temp dir; returns (GCS address, dashboard URL, pids).
+
+    `metrics_port` fixes where Prometheus scrapes this node's metrics (Serve's included): http://HOST:PORT/metrics.
+    """
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(BIN / "ray"),
@@ -117,6 +126,7 @@ def start_ray_head(
         f"--temp-dir={temp_dir.resolve()}",
         f"--ray-client-server-port={free_port()}",
         "--disable-usage-stats",
+        *([f"--metrics-export-port={metrics_port}"] if metrics_port else []),
     ]
     # The venv's bin first on PATH, so a `ray job submit -- ray-app ...` entrypoint finds this install's console script.
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -183,7 +193,15 @@ def stop_ray_head(temp_dir: Path, known: list[int] | None = None) -> None:
     stop_pids(with_descendants(sorted(set(pids_of(marker)) | set(known or []))))
 
 
-def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_port: int, num_cpus: int) -> Services:
+def up(
+    state_file: Path,
+    root: Path,
+    ray_port: int,
+    dashboard_port: int,
+    mlflow_port: int,
+    num_cpus: int,
+    metrics_port: int = 8080,
+) -> Services:
     """Start what is not already running; a second `make run` reuses the first one's services."""
     if state_file.exists():
         state = Services(**json.loads(state_file.read_text()))
@@ -191,12 +209,12 @@ def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_
             print(f"reusing running services from {state_file}")
             return state
         down(state_file)
-    for port in (ray_port, dashboard_port, mlflow_port):
+    for port in (ray_port, dashboard_port, mlflow_port, metrics_port):
         if _port_open(port):
             raise SystemExit(f"port {port} is already in use by something else; stop it or choose other ports")
     mlflow_pid = start_mlflow(root / "mlflow", mlflow_port)
     temp_dir = Path(os.environ.get("RAY_APP_RAY_TMP", f"/tmp/ray_app-{os.getuid()}-{ray_port}"))
-    address, dashboard, pids = start_ray_head(temp_dir, ray_port, dashboard_port, num_cpus)
+    address, dashboard, pids = start_ray_head(temp_dir, ray_port, dashboard_port, num_cpus, metrics_port=metrics_port)
     services = Services(
         address,
         dashboard,
@@ -205,6 +223,7 @@ def up(state_file: Path, root: Path, ray_port: int, dashboard_port: int, mlflow_
         str((root / "mlflow").resolve()),
         mlflow_pid,
         pids,
+        f"http://127.0.0.1:{metrics_port}/metrics",
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(asdict(services), indent=2))
@@ -240,10 +259,19 @@ def main() -> None:
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--metrics-port", type=int, default=8080)
     args = parser.parse_args()
     if args.action == "up":
-        s = up(args.state, args.root, args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
-        print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}")
+        s = up(
+            args.state,
+            args.root,
+            args.ray_port,
+            args.dashboard_port,
+            args.mlflow_port,
+            args.num_cpus,
+            args.metrics_port,
+        )
+        print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}, metrics {s.metrics_url}")
     else:
         down(args.state)
 

@@ -35,6 +35,16 @@ def resolve_tracking_uri(cfg: AppConfig) -> str:
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def serve_tracking_uri(explicit: str | None) -> str:
+    """The tracking server a Serve replica reads the registry from: its args, else the environment."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def secret_from_env(name: str | None) -> str | None:
+    """Secrets only ever come from the environment (set it in the cluster's env or the deploy's runtime_env)."""
+    return (os.environ.get(name) or None) if name else None
+
+
 def _check_server(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return

@@ -13,4 +13,9 @@ TEXT_SEPARATOR = ". "
 def join_text(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     """The model reads one string per row: the text columns joined, missing parts skipped."""
     parts = frame[list(columns)].fillna("").astype(str)
-    return [TEXT_SEPARATOR.join(p.strip() for p in row if p.strip()) for row in parts.itertuples(index=False)]
+    return [join_parts(row) for row in parts.itertuples(index=False)]
+
+
+def join_parts(parts: Sequence[str]) -> str:
+    """One row's text columns as the model reads them (serving builds its input with this too)."""
+    return TEXT_SEPARATOR.join(p.strip() for p in parts if p and p.strip())

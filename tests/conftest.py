@@ -43,9 +43,15 @@ def ray_cluster() -> Iterator[dict[str, str]]:
     import ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths must stay under 107 chars
-    address, dashboard, pids = start_ray_head(temp_dir, free_port(), free_port(), num_cpus=2)
+    metrics_port = free_port()
+    address, dashboard, pids = start_ray_head(temp_dir, free_port(), free_port(), num_cpus=2, metrics_port=metrics_port)
     ray.init(address=address, log_to_driver=True)
-    yield {"address": address, "dashboard": dashboard, "temp_dir": str(temp_dir)}
+    yield {
+        "address": address,
+        "dashboard": dashboard,
+        "temp_dir": str(temp_dir),
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+    }
     ray.shutdown()
     stop_ray_head(temp_dir, pids)
 

@@ -1,0 +1,369 @@
+"""The HTTP front door: validates requests, applies the traffic policy, resolves model ids through the registry,
+calls the model pool, and records metrics and the prediction log. Every client mistake gets a JSON 4xx.
+
+No `from __future__ import annotations`: FastAPI reads the route methods' annotations at run time.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
+
+from ray_app.serve.ids import BadModelId, ModelRef, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
+from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
+from ray_app.serve.predlog import PredictionLog, text_fields
+from ray_app.serve.settings import ServeArgs, TrafficPolicy
+from ray_app.text import join_parts
+
+log = logging.getLogger("ray.serve")
+MODEL_HEADER = "serve_multiplexed_model_id"
+LATENCY_BUCKETS_MS = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000]
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(description="Project title.")
+    description: str = Field("", description="Project description; may be empty.")
+
+
+class PredictRequest(BaseModel):
+    """One item (`title`, `description`) or a list of them (`items`); `model` names a version or alias."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Transformers for text classification", "description": "BERT"}]},
+    )
+    title: str | None = None
+    description: str | None = None
+    items: list[Item] | None = None
+    model: str | None = Field(None, description="NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS; bypasses the policy.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "PredictRequest":
+        if self.items is not None and (self.title is not None or self.description is not None):
+            raise ValueError("send either title/description or items, not both")
+        if self.items is None and self.title is None:
+            raise ValueError("title is required (or send items: [{title, description}, ...])")
+        if self.items is not None and not self.items:
+            raise ValueError("items is empty")
+        return self
+
+    def all_items(self) -> list[Item]:
+        return (
+            self.items if self.items is not None else [Item(title=self.title or "", description=self.description or "")]
+        )
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: str = Field(description="The registered model that answered.")
+    version: str
+    route: str = Field(description="primary, canary or named (the request chose the model).")
+    predictions: list[Prediction]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(code)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+def probabilities(labels: list[str], row) -> dict[str, float]:
+    return {label: float(p) for label, p in zip(labels, row, strict=True)}
+
+
+def error_body(code: str, detail: Any) -> dict[str, Any]:
+    return {"error": code, "detail": detail}
+
+
+api = FastAPI(
+    title="ray_app classifier",
+    description="Tags ML projects (NLP, computer vision, MLOps, other) with any registered model version.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse(error_body("invalid_request", problems), status_code=422)
+
+
+@api.middleware("http")
+async def _guard_request(request: Request, call_next):
+    """Body size and API key, before FastAPI reads or parses anything."""
+    state = request.app.state
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > getattr(state, "max_body_bytes", 1_000_000):
+        return JSONResponse(
+            error_body("request_too_large", f"body of {size} bytes exceeds {state.max_body_bytes}"), status_code=413
+        )
+    key = getattr(state, "api_key", None)
+    if key and request.url.path != "/health":
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            return JSONResponse(
+                error_body("unauthorized", "missing or wrong API key: send it in the X-API-Key header"),
+                status_code=401,
+            )
+    return await call_next(request)
+
+
+@serve.ingress(api)
+class Ingress:
+    async def __init__(self, pool, args: dict[str, Any]) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from ray_app.runtime import secret_from_env, serve_tracking_uri
+
+        self.pool = pool
+        self.args = ServeArgs.model_validate(args)
+        api.state.max_body_bytes = self.args.max_body_bytes
+        api.state.api_key = secret_from_env(self.args.api_key_env)
+        mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
+        self.client = MlflowClient()
+        self.resolver = Resolver(self.client, ttl_s=self.args.alias_ttl_s)
+        self.policy = TrafficPolicy()
+        self.guard = Guard(self.policy.guard)
+        self.log = PredictionLog(self.args.prediction_log)
+        self.m_requests = metrics.Counter(
+            "app_requests", "Prediction requests.", tag_keys=("model", "version", "route", "status")
+        )
+        self.m_latency = metrics.Histogram(
+            "app_request_latency_ms",
+            "End-to-end latency in the ingress.",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("model", "version", "route"),
+        )
+        self.m_canary_out = metrics.Counter("app_canary_taken_out", "Canaries removed by the guard.")
+        self._shadows: set[asyncio.Task] = set()
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new traffic policy, live: `serve deploy` with only user_config changed calls this, nothing restarts."""
+        self.policy = TrafficPolicy.model_validate(user_config.get("traffic", user_config))
+        self.guard = Guard(self.policy.guard)
+        log.info("traffic policy: %s", self.policy.model_dump())
+
+    # ---- routes -------------------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "alive"}
+
+    @api.get("/ready")
+    async def ready(self) -> JSONResponse:
+        ref = self._resolve(self.args.default_model)
+        loaded = await self.pool.options(multiplexed_model_id=ref.concrete).is_loaded.remote(ref.concrete)
+        if not loaded:
+            raise ApiError(503, "not_ready", f"default model {ref.concrete} is not loaded yet", {"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "default_model": self.args.default_model, "version": ref.version})
+
+    @api.get("/models")
+    async def models(self) -> dict[str, Any]:
+        from ray_app.serve.directory import directory_for
+
+        try:
+            versions = self.client.search_model_versions(f"name='{self.args.model_name}'")
+        except Exception as exc:  # noqa: BLE001 - the registry's client raises several types
+            raise ApiError(503, "registry_unavailable", str(exc)) from None
+        replicas = await directory_for(serve.get_replica_context().app_name).snapshot.remote()
+        return {
+            "model": self.args.model_name,
+            "default_model": self.args.default_model,
+            "policy": self.policy.model_dump(),
+            "canary_taken_out": self.guard.tripped,
+            "versions": [
+                {"version": str(v.version), "aliases": list(v.aliases or []), "run_id": v.run_id, "status": v.status}
+                for v in sorted(versions, key=lambda v: int(v.version))
+            ],
+            "replicas": replicas,
+        }
+
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        items = self._check_limits(body.all_items())
+        named = request.headers.get(MODEL_HEADER) or body.model
+        if named:
+            route = Route(named, NAMED)
+        else:
+            caller = request.headers.get(self.policy.sticky_header)
+            route = choose(self.policy, caller, request_id, canary_enabled=self.guard.tripped is None)
+        ref = self._resolve(route.model_id)
+        texts = [join_parts([item.title, item.description]) for item in items]
+        try:
+            result = await self._call_pool(ref, texts)
+        except ApiError as err:
+            self._record(ref, route.route, err.status, started, request_id, texts, None, err.code)
+            raise
+        ms = self._record(ref, route.route, 200, started, request_id, texts, result, None)
+        if route.route == "canary" and (reason := self.guard.record(True, ms)):
+            self.m_canary_out.inc()
+            log.warning("canary %s taken out: %s", ref, reason)
+        if route.shadow:
+            task = asyncio.create_task(self._shadow(route.shadow, texts, request_id))
+            self._shadows.add(task)  # keep a reference until it is done, or the loop may drop it
+            task.add_done_callback(self._shadows.discard)
+        return PredictResponse(
+            request_id=request_id,
+            model=ref.name,
+            version=str(ref.version),
+            route=route.route,
+            predictions=[
+                Prediction(label=result["labels"][int(p.argmax())], probabilities=probabilities(result["labels"], p))
+                for p in result["probs"]
+            ],
+        )
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+
+    def _check_limits(self, items: list[Item]) -> list[Item]:
+        if len(items) > self.args.max_items:
+            raise ApiError(413, "too_many_items", f"{len(items)} items; at most {self.args.max_items} per request")
+        for i, item in enumerate(items):
+            for name in ("title", "description"):
+                if len(getattr(item, name)) > self.args.max_text_chars:
+                    raise ApiError(
+                        413,
+                        "text_too_long",
+                        f"items[{i}].{name} has {len(getattr(item, name))} characters; "
+                        f"the limit is {self.args.max_text_chars}",
+                    )
+            if not (item.title.strip() or item.description.strip()):
+                raise ApiError(422, "empty_text", f"items[{i}] has no text: title and description are both empty")
+        return items
+
+    def _resolve(self, model_id: str) -> ModelRef:
+        try:
+            return self.resolver.resolve(parse_model_id(model_id, self.args.model_name))
+        except BadModelId as exc:
+            raise ApiError(422, "bad_model_id", str(exc)) from None
+        except UnknownModel as exc:
+            raise ApiError(404, "unknown_model", str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise ApiError(503, "registry_unavailable", str(exc), {"Retry-After": "5"}) from None
+
+    async def _call_pool(self, ref: ModelRef, texts: list[str]) -> dict[str, Any]:
+        from ray_app.serve.pool import ModelLoadError
+
+        handle = self.pool.options(multiplexed_model_id=ref.concrete)
+        try:
+            return await handle.predict.remote({"model_id": ref.concrete, "texts": texts})
+        except BackPressureError:
+            raise ApiError(
+                503,
+                "overloaded",
+                "the model pool's queue is full; retry after the Retry-After seconds",
+                {"Retry-After": str(self.args.retry_after_s)},
+            ) from None
+        except ModelLoadError as exc:
+            raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "30"}) from None
+        except Exception as exc:  # noqa: BLE001 - a server fault still answers JSON, and counts against the version
+            log.error("prediction with %s failed: %r", ref.concrete, exc)
+            raise ApiError(500, "prediction_failed", f"{ref.concrete} failed: {type(exc).__name__}") from None
+
+    def _record(
+        self,
+        ref: ModelRef,
+        route: str,
+        status: int,
+        started: float,
+        request_id: str,
+        texts: list[str],
+        result: dict[str, Any] | None,
+        error: str | None,
+    ) -> float:
+        ms = (time.perf_counter() - started) * 1000
+        tags = {"model": ref.name, "version": str(ref.version), "route": route}
+        self.m_requests.inc(tags={**tags, "status": str(status)})
+        self.m_latency.observe(ms, tags=tags)
+        if route == "canary" and status >= 500 and (reason := self.guard.record(False, ms)):
+            self.m_canary_out.inc()
+            log.warning("canary %s taken out: %s", ref, reason)
+        self.log.add(self._log_rows(ref, route, status, ms, request_id, texts, result, error))
+        return ms
+
+    def _log_rows(self, ref, route, status, ms, request_id, texts, result, error) -> list[dict[str, Any]]:
+        now = time.time() * 1000
+        rows = []
+        for i, text in enumerate(texts):
+            row = {
+                "request_id": request_id,
+                "item": i,
+                "timestamp": int(now),
+                "route": route,
+                "model_name": ref.name,
+                "model_version": str(ref.version),
+                "status": status,
+                "error": error,
+                "latency_ms": ms,
+                **text_fields(text, self.args.prediction_log.store_text),
+                "label": None,
+                "confidence": None,
+                "probabilities": None,
+            }
+            if result is not None:
+                p = result["probs"][i]
+                row.update(
+                    label=result["labels"][int(p.argmax())],
+                    confidence=float(p.max()),
+                    probabilities=json.dumps(probabilities(result["labels"], p)),
+                )
+            rows.append(row)
+        return rows
+
+    async def _shadow(self, model_id: str, texts: list[str], request_id: str) -> None:
+        """The shadow model's answer goes to the log only; its failures never reach the caller."""
+        started = time.perf_counter()
+        try:
+            ref = self._resolve(model_id)
+            result = await self._call_pool(ref, texts)
+            self._record(ref, SHADOW, 200, started, request_id, texts, result, None)
+        except ApiError as err:
+            log.warning("shadow %s failed: %s", model_id, err.detail)
+        except Exception as exc:  # noqa: BLE001 - the caller already has its answer; the shadow must not crash anything
+            log.warning("shadow %s failed: %s", model_id, exc)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.flush()
+
+    async def flush(self, force: bool = False) -> int:
+        """Write buffered log rows when due, or now when forced (on shutdown)."""
+        if not (self.log.due() or (force and self.log.rows)):
+            return 0
+        rows = self.log.take()
+        try:
+            await asyncio.to_thread(self.log.write, rows)
+        except Exception as exc:  # noqa: BLE001 - a failed write must not take serving down; it is logged loudly
+            log.error("prediction log write of %d rows failed: %s", len(rows), exc)
+        return len(rows)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: what is buffered is written, not lost."""
+        self._flusher.cancel()
+        await self.flush(force=True)

@@ -1,0 +1,185 @@
+"""The model pool: one deployment that serves every registered version, loaded on demand per replica with
+`@serve.multiplexed` (LRU eviction) and predicted in `@serve.batch` batches that Serve keeps to one model id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import metrics
+
+from ray_app.serve.ids import Resolver, parse_model_id
+from ray_app.serve.settings import ServeArgs
+
+log = logging.getLogger("ray.serve")
+LOAD_MS_BUCKETS = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
+
+
+class ModelLoadError(RuntimeError):
+    """A version could not be loaded on this replica; the replica keeps serving the others."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(model_id, reason)
+        self.model_id, self.reason = model_id, reason
+
+    def __str__(self) -> str:
+        return f"model {self.model_id} could not be loaded: {self.reason}"
+
+
+class MixedBatchError(RuntimeError):
+    """Requests for different model ids reached one batch: never run them through one model."""
+
+
+@dataclass
+class Loaded:
+    """A version in this replica's cache. The multiplexer calls `__del__` when it evicts it (Serve's documented
+    hook), which is how the pool learns of evictions."""
+
+    model_id: str
+    classifier: Any
+    load_ms: float
+    loaded_at: float = field(default_factory=time.time)
+    on_unload: Any = None
+
+    def __del__(self) -> None:
+        if self.on_unload is not None:
+            self.on_unload(self.model_id)
+            self.on_unload = None
+
+    def info(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "load_ms": round(self.load_ms, 1), "loaded_at": self.loaded_at}
+
+
+def _items(requests: list[dict[str, Any]]) -> int:
+    """Batch size in items, so one 32-item request is a full batch on its own."""
+    return sum(len(r["texts"]) for r in requests)
+
+
+class ModelPool:
+    async def __init__(self, args: dict[str, Any]) -> None:
+        import mlflow
+        import torch
+        from mlflow.tracking import MlflowClient
+
+        from ray_app.runtime import serve_tracking_uri
+
+        self.args = ServeArgs.model_validate(args)
+        torch.set_num_threads(self.args.torch_threads)
+        mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
+        self.resolver = Resolver(MlflowClient(), ttl_s=self.args.alias_ttl_s)
+        self.loaded: dict[str, Loaded] = {}
+        self.replica = str(serve.get_replica_context().replica_id.unique_id)
+
+        async def load(model_id: str) -> Loaded:  # a plain function: the multiplexer keeps its cache on it
+            return await self._load(model_id)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        self._predict_batch.set_max_batch_size(self.args.batch.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
+        self.m_batch = metrics.Histogram(
+            "app_batch_items", "Items per model forward pass.", boundaries=BATCH_BUCKETS, tag_keys=("model_id",)
+        )
+        self.m_loads = metrics.Counter("app_model_loads", "Model version loads.", tag_keys=("model_id", "outcome"))
+        self.m_load_ms = metrics.Histogram(
+            "app_model_load_ms", "Time to load and warm up a version.", boundaries=LOAD_MS_BUCKETS
+        )
+        self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
+        self.directory = None
+        self._reporter = asyncio.create_task(self._report_loop())
+        await self._preload_default()
+
+    async def _preload_default(self) -> None:
+        """Load the default model (the champion) now, so the first request after a deploy is not a cold one."""
+        from ray_app.serve.ids import RegistryUnavailable, UnknownModel
+
+        try:
+            ref = self.resolver.resolve(parse_model_id(self.args.default_model, self.args.model_name))
+            await self.get_model(ref.concrete)
+        except (UnknownModel, RegistryUnavailable, ModelLoadError) as exc:
+            log.warning("default model %s not loaded at start: %s", self.args.default_model, exc)
+
+    async def _load(self, model_id: str) -> Loaded:
+        import mlflow
+
+        started = time.perf_counter()
+        try:
+            pyfunc = await asyncio.to_thread(mlflow.pyfunc.load_model, f"models:/{model_id}")
+            classifier = pyfunc.unwrap_python_model().classifier
+            await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
+        except Exception as exc:  # noqa: BLE001 - any failure to load is reported as this version's, not the replica's
+            self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
+            log.error("loading %s failed: %s", model_id, exc)
+            raise ModelLoadError(model_id, f"{type(exc).__name__}: {exc}") from None
+        load_ms = (time.perf_counter() - started) * 1000
+        self.m_loads.inc(tags={"model_id": model_id, "outcome": "ok"})
+        self.m_load_ms.observe(load_ms)
+        loaded = Loaded(model_id, classifier, load_ms, on_unload=self._forget)
+        self.loaded[model_id] = loaded
+        log.info("loaded %s in %.0f ms", model_id, load_ms)
+        self._report()
+        return loaded
+
+    def _forget(self, model_id: str) -> None:
+        self.loaded.pop(model_id, None)
+        log.info("evicted %s", model_id)
+        self._report()
+
+    async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        """request: {"model_id": NAME/VERSION, "texts": [...]}; the caller also sets it as the multiplexed id."""
+        return await self._predict_batch(request)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_items)
+    async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        model_id = serve.get_multiplexed_model_id()
+        asked = {r["model_id"] for r in requests}
+        if asked != {model_id}:
+            raise MixedBatchError(f"batch for {model_id!r} holds requests for {sorted(asked)}")
+        self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
+        loaded: Loaded = await self.get_model(model_id)
+        texts = [t for r in requests for t in r["texts"]]
+        self.m_batch.observe(len(texts), tags={"model_id": model_id})
+        probs = await asyncio.to_thread(loaded.classifier.predict_proba, texts, len(texts))
+        labels = loaded.classifier.labels
+        out, start = [], 0
+        for r in requests:
+            rows = probs[start : start + len(r["texts"])]
+            start += len(r["texts"])
+            out.append({"model_id": model_id, "labels": labels, "probs": rows, "batch_items": len(texts)})
+        return out
+
+    async def is_loaded(self, model_id: str) -> bool:
+        return model_id in self.loaded
+
+    async def loaded_models(self) -> dict[str, Any]:
+        return {"replica": self.replica, "models": [m.info() for m in self.loaded.values()]}
+
+    def _report(self) -> None:
+        """Tell the app's directory what this replica holds (fire and forget: never on the request's path)."""
+        try:
+            if self.directory is None:
+                from ray_app.serve.directory import directory_for
+
+                self.directory = directory_for(serve.get_replica_context().app_name)
+            self.directory.report.remote(self.replica, [m.info() for m in self.loaded.values()])
+        except Exception as exc:  # noqa: BLE001 - reporting is best effort; serving goes on
+            log.warning("could not report loaded models: %s", exc)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self._report()
+
+    def __del__(self) -> None:
+        if self.directory is not None:
+            self.directory.forget.remote(self.replica)
+
+
+def top(labels: list[str], probs: np.ndarray) -> tuple[str, float]:
+    i = int(np.argmax(probs))
+    return labels[i], float(probs[i])

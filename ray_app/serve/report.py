@@ -1,0 +1,107 @@
+"""`ray-app canary-report`: is the challenger as good as the champion on live traffic? Read from the prediction
+log that the Serve app writes (error rate, p50/p99 per version, and agreement when the challenger ran in shadow)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from ray_app.config import CanaryConfig
+from ray_app.errors import AppError
+from ray_app.serve.predlog import PREFIX
+
+PROMOTE, HOLD, ROLLBACK = "promote", "hold", "rollback"
+
+
+def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
+    """The prediction log as one frame (finished files only; a writer's temp files start with a dot)."""
+    target = uri if "://" in uri else str(Path(uri).expanduser())
+    try:
+        fs, root = pafs.FileSystem.from_uri(target if "://" in target else "file://" + str(Path(target).resolve()))
+        files = [
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            if i.base_name.startswith(PREFIX) and i.base_name.endswith(".parquet")
+        ]
+    except (OSError, ValueError) as exc:
+        raise AppError(f"prediction log {uri} cannot be read: {exc}") from None
+    if not files:
+        raise AppError(f"prediction log {uri} has no files yet; send traffic to the Serve app first")
+    frame = pads.dataset(files, filesystem=fs, format="parquet").to_table().to_pandas()
+    if window_minutes is not None:
+        cutoff = pd.Timestamp(time.time() - window_minutes * 60, unit="s", tz="UTC")
+        frame = frame[frame["timestamp"] >= cutoff]
+    return frame
+
+
+def version_stats(frame: pd.DataFrame, version: str) -> dict[str, Any]:
+    """Per request (a request's items share status and latency), over every route the version served."""
+    rows = frame[frame["model_version"] == version]
+    requests = rows.drop_duplicates(["request_id", "route"])
+    n = len(requests)
+    return {
+        "version": version,
+        "requests": n,
+        "items": len(rows),
+        "by_route": requests["route"].value_counts().to_dict(),
+        "error_rate": float((requests["status"] >= 500).mean()) if n else None,
+        "p50_ms": float(requests["latency_ms"].quantile(0.5)) if n else None,
+        "p99_ms": float(requests["latency_ms"].quantile(0.99)) if n else None,
+    }
+
+
+def shadow_agreement(frame: pd.DataFrame, champion: str, challenger: str) -> tuple[float | None, int]:
+    """Share of items where the challenger's shadow label equals the champion's answer to the same request."""
+    ok = frame[frame["status"] == 200]
+    primary = ok[(ok["model_version"] == champion) & (ok["route"] == "primary")]
+    shadow = ok[(ok["model_version"] == challenger) & (ok["route"] == "shadow")]
+    pairs = primary.merge(shadow, on=["request_id", "item"], suffixes=("_champion", "_challenger"))
+    if pairs.empty:
+        return None, 0
+    return float((pairs["label_champion"] == pairs["label_challenger"]).mean()), len(pairs)
+
+
+def verdict(champion: dict[str, Any], challenger: dict[str, Any], agreement: float | None, cfg: CanaryConfig):
+    """Roll back on a breach, hold while evidence is thin or answers disagree, else promote."""
+    n = challenger["requests"]
+    if n and challenger["error_rate"] > cfg.max_error_rate:
+        return ROLLBACK, f"challenger error rate {challenger['error_rate']:.3f} > {cfg.max_error_rate}"
+    if n >= cfg.min_requests and challenger["p99_ms"] > cfg.max_p99_ms:
+        return ROLLBACK, f"challenger p99 {challenger['p99_ms']:.0f} ms > {cfg.max_p99_ms} ms"
+    if n < cfg.min_requests:
+        return HOLD, f"challenger served {n} requests; {cfg.min_requests} needed to judge"
+    if agreement is not None and agreement < cfg.min_agreement:
+        return HOLD, f"shadow agreement {agreement:.3f} < {cfg.min_agreement}"
+    if (
+        champion["requests"]
+        and champion["error_rate"] is not None
+        and challenger["error_rate"] > champion["error_rate"]
+    ):
+        return HOLD, f"challenger errors {challenger['error_rate']:.3f} > champion {champion['error_rate']:.3f}"
+    return PROMOTE, f"{n} requests within limits" + (f", agreement {agreement:.3f}" if agreement is not None else "")
+
+
+def canary_report(frame: pd.DataFrame, champion: str, challenger: str, cfg: CanaryConfig) -> dict[str, Any]:
+    stats = {"champion": version_stats(frame, champion), "challenger": version_stats(frame, challenger)}
+    agreement, pairs = shadow_agreement(frame, champion, challenger)
+    decision, reason = verdict(stats["champion"], stats["challenger"], agreement, cfg)
+    return {**stats, "shadow_agreement": agreement, "shadow_pairs": pairs, "verdict": decision, "reason": reason}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'':12}{'version':>8}{'requests':>10}{'errors':>9}{'p50 ms':>9}{'p99 ms':>9}"]
+    for role in ("champion", "challenger"):
+        s = report[role]
+        err = "-" if s["error_rate"] is None else f"{s['error_rate']:.3f}"
+        p50 = "-" if s["p50_ms"] is None else f"{s['p50_ms']:.1f}"
+        p99 = "-" if s["p99_ms"] is None else f"{s['p99_ms']:.1f}"
+        lines.append(f"{role:12}{s['version']:>8}{s['requests']:>10}{err:>9}{p50:>9}{p99:>9}")
+    if report["shadow_agreement"] is not None:
+        lines.append(f"shadow agreement {report['shadow_agreement']:.3f} over {report['shadow_pairs']} items")
+    lines.append(f"verdict: {report['verdict'].upper()} ({report['reason']})")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Typed settings of the Serve app: `args` of serve_config.yaml (fixed per deploy) and the ingress's `user_config`
+(the traffic policy, changed live by re-deploying only the config)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ray_app.serve.ids import parse_model_id
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchSettings(_Strict):
+    """`@serve.batch` on the model pool; sizes count items, not requests, so a 32-item request fills a batch."""
+
+    max_batch_size: int = Field(32, ge=1, le=512)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+
+
+class PredictionLogSettings(_Strict):
+    """Where every prediction goes (Parquet, written off the request path) and how long it is kept."""
+
+    uri: str | None = Field(
+        None, description="Directory or pyarrow filesystem URI (s3://, gs://); null turns the log off."
+    )
+    flush_rows: int = Field(256, ge=1, description="Write a file once this many rows are buffered ...")
+    flush_interval_s: float = Field(5.0, gt=0, description="... or this long after the oldest buffered row.")
+    store_text: bool = Field(True, description="False stores a SHA-256 of the text instead of the text.")
+    retention_days: float | None = Field(30, gt=0, description="Files older than this are deleted; null keeps all.")
+    max_bytes: int | None = Field(
+        2_000_000_000, gt=0, description="Oldest files are deleted past this total size; null: no cap."
+    )
+
+
+class ServeArgs(_Strict):
+    """`args` of the application in serve_config.yaml."""
+
+    tracking_uri: str | None = Field(None, description="MLflow server; null: MLFLOW_TRACKING_URI or 127.0.0.1:5000.")
+    model_name: str = Field("projects-classifier", description="The registered model a bare version or alias means.")
+    default_model: str = Field("@champion", description="What a request that names no model gets (and /ready).")
+    alias_ttl_s: float = Field(5.0, ge=0, description="How long an alias -> version answer is cached.")
+    max_models_per_replica: int = Field(3, ge=1)
+    max_items: int = Field(32, ge=1, description="Most items in one /predict request.")
+    max_text_chars: int = Field(2000, ge=1, description="Most characters in one title or description.")
+    max_body_bytes: int = Field(1_000_000, ge=1_000, description="Larger request bodies get 413.")
+    text_columns: list[str] = Field(default_factory=lambda: ["title", "description"], min_length=1)
+    torch_threads: int = Field(2, ge=1, description="Torch threads per model-pool replica.")
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    prediction_log: PredictionLogSettings = Field(default_factory=PredictionLogSettings)
+    api_key_env: str | None = Field(
+        "RAY_APP_API_KEY", description="Env var holding the API key; when it is set, every route but /health needs it."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on overload.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeArgs:
+        parse_model_id(self.default_model, self.model_name)
+        if self.max_items > self.batch.max_batch_size:
+            raise ValueError(
+                f"max_items {self.max_items} exceeds batch.max_batch_size {self.batch.max_batch_size}: "
+                "one request must fit in one batch"
+            )
+        return self
+
+
+class CanaryGuard(_Strict):
+    """Limits that take a canary out of the split on their own, judged on its recent requests in each ingress."""
+
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_p99_ms: float = Field(500, gt=0)
+    min_requests: int = Field(20, ge=1, description="Requests the canary must have served before it is judged.")
+    window: int = Field(200, ge=10, description="Recent canary requests the limits look at.")
+
+
+class TrafficPolicy(_Strict):
+    """The ingress's `user_config`. A request that names a model bypasses all of it."""
+
+    primary: str = Field("@champion", description="Model id most traffic gets.")
+    canary: str | None = Field(None, description="Model id that gets `canary_weight` of callers.")
+    canary_weight: float = Field(0.0, ge=0, le=1)
+    shadow: str | None = Field(None, description="Model id that also predicts every primary request, logged only.")
+    sticky_header: str = Field("X-User-Id", description="Callers with the same value always get the same model.")
+    guard: CanaryGuard = Field(default_factory=CanaryGuard)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrafficPolicy:
+        for ref in (self.primary, self.canary, self.shadow):
+            if ref is not None:
+                parse_model_id(ref, "default")
+        if self.canary_weight > 0 and self.canary is None:
+            raise ValueError("canary_weight > 0 needs a canary model id")
+        return self

@@ -1,0 +1,97 @@
+"""Helpers for the Serve tests: register real model versions and deploy serve_config.yaml with the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import pandas as pd
+import torch
+import yaml
+
+from ray_app.config import AppConfig
+from ray_app.local import BIN
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = pd.DataFrame(
+    {
+        "title": ["Transformers for text classification", "YOLO object detection", "Feature store for MLOps"],
+        "description": ["Fine-tune BERT on reviews.", "Detect objects in video.", "Serve features in production."],
+    }
+)
+
+
+def register_version(cfg: AppConfig, base_model: Path, seed: int, work: Path) -> str:
+    """A real classifier (the tiny encoder with a head initialised from `seed`), logged and registered like the
+    pipeline does; the test split travels with it, as registry.promote expects."""
+    from ray_app.model import TextClassifier, load_for_training, load_tokenizer
+    from ray_app.registry import TEST_SPLIT_ARTIFACT, log_model, register
+
+    torch.manual_seed(seed)
+    model_dir = work / f"clf-{seed}"
+    TextClassifier(load_for_training(str(base_model), cfg.data.labels), load_tokenizer(str(base_model))).save(model_dir)
+    test_rows = EXAMPLE.assign(id=["a", "b", "c"], label=["natural-language-processing", "computer-vision", "mlops"])
+    with mlflow.start_run(run_name=f"serve-test-{seed}") as run:
+        split = work / f"test_split-{seed}.csv"
+        test_rows.to_csv(split, index=False)
+        mlflow.log_artifact(str(split), artifact_path=str(Path(TEST_SPLIT_ARTIFACT).parent))
+        uri = log_model(cfg, str(model_dir), EXAMPLE)
+        return register(cfg, uri, run.info.run_id, {"seed": str(seed)}).version
+
+
+def deploy_config(
+    path: Path, port: int, tracking_uri: str, model_name: str, log_dir: Path, api_key: str, traffic: dict | None = None
+) -> Path:
+    """serve_config.yaml as shipped, pointed at this session's services and sized for a test."""
+    conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    conf["http_options"]["port"] = port
+    app = conf["applications"][0]
+    app["args"].update(
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        alias_ttl_s=1,
+        max_items=8,
+        torch_threads=1,
+        batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+        prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
+    )
+    app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}
+    ingress, pool = app["deployments"]
+    if traffic is not None:
+        ingress["user_config"]["traffic"].update(traffic)
+    pool.pop("autoscaling_config")
+    pool.update(num_replicas=1, max_ongoing_requests=8, max_queued_requests=8)
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    return path
+
+
+def serve_deploy(config: Path, dashboard: str) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(config), "--address", dashboard],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (httpx.HTTPError, AssertionError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -1,0 +1,295 @@
+"""Ray Serve over real HTTP: `serve deploy` of serve_config.yaml on a real head, a real MLflow registry holding two
+versions of a tiny model, and the app's own prediction log and metrics read back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ray_app.local import free_port
+from ray_app.serve.report import ROLLBACK, canary_report, read_log
+from ray_app.serve.settings import TrafficPolicy
+from tests.conftest import smoke_config
+from tests.serving import deploy_config, register_version, serve_deploy, wait_until
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-" + uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="module")
+def app(mlflow_server, ray_cluster, tiny_model, storage, tmp_path_factory):
+    from ray import serve
+
+    from ray_app.runtime import setup_mlflow
+
+    work = tmp_path_factory.mktemp("serve")
+    name = f"serve-{uuid.uuid4().hex[:6]}"
+    cfg = smoke_config(mlflow_server, ray_cluster["address"], tiny_model, storage, f"registry.model_name={name}")
+    setup_mlflow(cfg)
+    v1, v2 = (register_version(cfg, tiny_model, seed, work) for seed in (1, 2))
+    client = MlflowClient(mlflow_server)
+    client.set_registered_model_alias(name, "champion", v1)  # register() made each the challenger in turn: v2 now
+    port = free_port()
+    conf = dict(
+        port=port,
+        tracking_uri=mlflow_server,
+        model_name=name,
+        log_dir=work / "predlog",
+        api_key=KEY,
+        path=work / "s.yaml",
+    )
+    serve_deploy(deploy_config(**conf), ray_cluster["dashboard"])
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60)
+    wait_until(lambda: ready(http), 240, "/ready")
+    yield {
+        "http": http,
+        "name": name,
+        "v1": v1,
+        "v2": v2,
+        "client": client,
+        "cfg": cfg,
+        "conf": conf,
+        "work": work,
+        "base": base, "dashboard": ray_cluster["dashboard"],
+        "metrics": ray_cluster["metrics"],
+    }
+    http.close()
+    serve.shutdown()
+
+
+def ready(http: httpx.Client) -> bool:
+    """Fails at once, with Serve's own message, when the deploy failed instead of waiting out the timeout."""
+    from ray import serve
+
+    status = serve.status().applications.get("classifier")
+    if status is not None and status.status == "DEPLOY_FAILED":
+        pytest.fail(f"serve deploy failed: {status.message}")
+    return http.get("/ready").status_code == 200
+
+
+def redeploy(app, **traffic) -> None:
+    """What a user does to change traffic: edit user_config, `serve deploy` again; the policy applies live."""
+    policy = TrafficPolicy(**traffic).model_dump()
+    serve_deploy(deploy_config(**app["conf"], traffic=policy), app["dashboard"])
+    wait_until(lambda: app["http"].get("/models").json()["policy"] == policy, 60, "the new policy")
+
+
+def answer(app, body=None, headers=None):
+    r = app["http"].post("/predict", json=body or {"title": "BERT for text", "description": "nlp"}, headers=headers)
+    return r
+
+
+def test_ready_health_docs(app):
+    http = app["http"]
+    assert httpx.get(f"{app['base']}/health").json() == {"status": "alive"}  # no key needed
+    assert http.get("/ready").json()["version"] == app["v1"]
+    assert "/predict" in http.get("/openapi.json").json()["paths"]
+    assert http.get("/docs").status_code == 200
+
+
+def test_routes_by_default_header_body_and_alias(app):
+    name, v1, v2 = app["name"], app["v1"], app["v2"]
+    default = answer(app).json()
+    assert (default["version"], default["route"], default["model"]) == (v1, "primary", name)
+    assert answer(app, {"title": "x", "model": v2}).json()["version"] == v2
+    assert answer(app, {"title": "x", "model": f"{name}/{v2}"}).json()["version"] == v2
+    assert answer(app, {"title": "x"}, {"serve_multiplexed_model_id": "@challenger"}).json()["version"] == v2
+    named = answer(app, {"title": "x"}, {"serve_multiplexed_model_id": f"{name}@champion"}).json()
+    assert (named["version"], named["route"]) == (v1, "named")
+    many = answer(app, {"items": [{"title": "a"}, {"title": "b", "description": "c"}]}).json()
+    assert len(many["predictions"]) == 2
+    assert set(many["predictions"][0]["probabilities"]) == set(app["cfg"].data.labels)
+
+
+def test_alias_move_is_served_within_ttl(app):
+    client, name, v1, v2 = app["client"], app["name"], app["v1"], app["v2"]
+    client.set_registered_model_alias(name, "champion", v2)  # what `ray-app promote` does when the gate passes
+    try:
+        wait_until(lambda: answer(app).json()["version"] == v2, 15, "champion move to show")
+    finally:
+        client.set_registered_model_alias(name, "champion", v1)
+    wait_until(lambda: answer(app).json()["version"] == v1, 15, "champion move back")
+
+
+def test_mixed_versions_concurrent_each_answered_by_its_version(app):
+    """Batching + multiplexing: 64 concurrent requests over two versions; every answer equals that version's own
+    in-process prediction, so no request shared a forward pass with the other version."""
+    name, versions = app["name"], [app["v1"], app["v2"]]
+    texts = [f"project {i} about {'images' if i % 2 else 'language'} models" for i in range(64)]
+    expected = {
+        v: mlflow.pyfunc.load_model(f"models:/{name}/{v}").predict(
+            pd.DataFrame({"title": texts, "description": [""] * len(texts)})
+        )
+        for v in versions
+    }
+
+    async def run():
+        room = asyncio.Semaphore(12)  # within the test pool's 8 ongoing + 8 queued: no 503s, full batches
+
+        async def one(c: httpx.AsyncClient, i: int, text: str) -> httpx.Response:
+            async with room:
+                return await c.post("/predict", json={"title": text, "model": versions[i % 2]})
+
+        async with httpx.AsyncClient(base_url=app["base"], headers={"X-API-Key": KEY}, timeout=120) as c:
+            return await asyncio.gather(*[one(c, i, t) for i, t in enumerate(texts)])
+
+    responses = asyncio.run(run())
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        body, version = r.json(), versions[i % 2]
+        assert body["version"] == version
+        want = expected[version].iloc[i]
+        got = body["predictions"][0]["probabilities"]
+        assert np.allclose([got[k] for k in sorted(got)], [want[f"prob_{k}"] for k in sorted(got)], atol=1e-4)
+
+    # and batches really formed: the pool's histogram of items per forward pass has batches above one item
+    def batched() -> bool:
+        text = httpx.get(app["metrics"], timeout=10).text
+        return all(batch_sizes(text, f"{name}/{v}")[1] > batch_sizes(text, f"{name}/{v}")[0] for v in versions)
+
+    wait_until(batched, 60, "batch-size metrics with batches of more than one item")
+
+
+def batch_sizes(metrics_text: str, model_id: str) -> tuple[float, float]:
+    """(batches of exactly 1 item, all batches) for one model id, from Ray's Prometheus endpoint."""
+    ones = total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("ray_app_batch_items_bucket") and f'model_id="{model_id}"' in line and 'le="1.0"' in line:
+            ones += float(line.rsplit(" ", 1)[1])
+        if line.startswith("ray_app_batch_items_count") and f'model_id="{model_id}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return ones, total
+
+
+def test_metrics_endpoint_has_per_version_series(app):
+    answer(app)
+    want = [f'version="{app["v1"]}"', 'route="primary"', 'status="200"']
+
+    def shows() -> bool:
+        lines = httpx.get(app["metrics"], timeout=10).text.splitlines()
+        requests = [line for line in lines if line.startswith("ray_app_requests") and all(w in line for w in want)]
+        latency = [line for line in lines if line.startswith("ray_app_request_latency_ms_bucket")]
+        loads = [line for line in lines if line.startswith("ray_app_model_loads") and 'outcome="ok"' in line]
+        return bool(requests and latency and loads)
+
+    wait_until(shows, 60, "per-version series on the metrics endpoint")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({}, 422, "invalid_request"),
+        ({"title": 5}, 422, "invalid_request"),
+        ({"title": "  ", "description": ""}, 422, "empty_text"),
+        ({"title": "x", "items": [{"title": "y"}]}, 422, "invalid_request"),
+        ({"items": []}, 422, "invalid_request"),
+        ({"title": "x" * 2001}, 413, "text_too_long"),
+        ({"items": [{"title": "a"}] * 9}, 413, "too_many_items"),
+        ({"title": "x", "model": "999"}, 404, "unknown_model"),
+        ({"title": "x", "model": "@nope"}, 404, "unknown_model"),
+        ({"title": "x", "model": "../../etc/passwd"}, 422, "bad_model_id"),
+    ],
+)
+def test_bad_input_gets_json_4xx(app, body, status, code):
+    r = app["http"].post("/predict", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code
+    assert r.json()["detail"]
+
+
+def test_api_key_and_body_size(app):
+    base = app["base"] + "/"
+    assert httpx.post(f"{base}predict", json={"title": "x"}).status_code == 401
+    wrong = httpx.post(f"{base}predict", json={"title": "x"}, headers={"X-API-Key": "wrong"})
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "unauthorized")
+    big = app["http"].post("/predict", content=b'{"title": "' + b"x" * 1_100_000 + b'"}')
+    assert (big.status_code, big.json()["error"]) == (413, "request_too_large")
+
+
+def test_version_that_fails_to_load_is_503_and_others_still_serve(app):
+    client, name = app["client"], app["name"]
+    run_id = client.get_model_version(name, app["v1"]).run_id
+    broken = client.create_model_version(name, f"runs:/{run_id}/data", run_id=run_id).version  # not a model
+    r = answer(app, {"title": "x", "model": broken})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "model_unavailable" and f"{name}/{broken}" in r.json()["detail"]
+    assert answer(app).json()["version"] == app["v1"]
+
+
+def test_overload_answers_503_fast(app):
+    """Far more concurrent 8-item requests than the pool's ongoing + queued limits: the excess is refused with 503
+    and Retry-After instead of waiting without bound."""
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=app["base"], headers={"X-API-Key": KEY}, timeout=120) as c:
+            body = {"items": [{"title": f"text number {i}", "description": "words " * 40} for i in range(8)]}
+            return await asyncio.gather(*[c.post("/predict", json=body) for _ in range(120)])
+
+    responses = asyncio.run(flood())
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes
+    assert codes[503] > 0 and codes[200] > 0, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "overloaded"
+
+
+def test_canary_split_is_weighted_and_sticky_then_guard_takes_it_out(app):
+    redeploy(app, canary="@challenger", canary_weight=0.3)
+    routes = Counter(answer(app, headers={"X-User-Id": f"user-{i}"}).json()["route"] for i in range(300))
+    share = routes["canary"] / 300
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 300), routes  # 4 sigma
+    for user in ("alice", "bob", "carol"):
+        seen = {answer(app, headers={"X-User-Id": user}).json()["version"] for _ in range(8)}
+        assert len(seen) == 1
+    # a challenger that breaches the latency limit (set below any real latency) is taken out of the split
+    redeploy(app, canary="@challenger", canary_weight=0.5, guard={"max_p99_ms": 0.01, "min_requests": 5})
+    versions = [answer(app, headers={"X-User-Id": f"u{i}"}).json()["route"] for i in range(60)]
+    assert "canary" in versions[:30]
+    assert "canary" not in versions[-20:]
+    assert app["http"].get("/models").json()["canary_taken_out"].startswith("p99")
+    redeploy(app)
+
+
+def test_shadow_is_logged_not_returned_and_canary_report_judges(app):
+    """Shadow mode: callers get the champion; the challenger's answers land in the log; the report reads them."""
+    from ray_app.config import CanaryConfig
+
+    redeploy(app, shadow="@challenger")
+    ids = [answer(app, headers={"X-Request-Id": f"shadow-{i}"}).json() for i in range(30)]
+    assert {(r["version"], r["route"]) for r in ids} == {(app["v1"], "primary")}
+    redeploy(app)
+
+    def logged():
+        frame = read_log(str(app["conf"]["log_dir"]))
+        shadow = frame[(frame["route"] == "shadow") & frame["request_id"].str.startswith("shadow-")]
+        return len(shadow) == 30 and set(shadow["model_version"]) == {app["v2"]}
+
+    wait_until(logged, 30, "shadow rows in the prediction log")
+    frame = read_log(str(app["conf"]["log_dir"]))
+    frame = frame[frame["request_id"].str.startswith("shadow-")]  # this test's traffic only
+    ok = canary_report(frame, app["v1"], app["v2"], CanaryConfig(min_requests=10, max_p99_ms=60_000, min_agreement=0))
+    assert ok["verdict"] == "promote", ok
+    assert ok["shadow_pairs"] >= 30 and 0 <= ok["shadow_agreement"] <= 1
+    strict = canary_report(frame, app["v1"], app["v2"], CanaryConfig(min_requests=10, max_p99_ms=0.01))
+    assert strict["verdict"] == ROLLBACK and "p99" in strict["reason"]
+
+
+def test_prediction_log_reads_back_with_ray_data(app):
+    import ray
+
+    answer(app, {"title": "logged row", "description": "for ray data"}, {"X-Request-Id": "raydata-1"})
+    log_dir = str(app["conf"]["log_dir"])
+    wait_until(lambda: (read_log(log_dir)["request_id"] == "raydata-1").any(), 30, "the row in the log")
+    ds = ray.data.read_parquet(log_dir, file_extensions=["parquet"])
+    rows = ds.filter(lambda r: r["request_id"] == "raydata-1").take_all()
+    assert rows and rows[0]["text"] == "logged row. for ray data" and rows[0]["status"] == 200
+    assert {"model_version", "label", "confidence", "probabilities", "latency_ms", "route"} <= set(rows[0])
