@@ -59,7 +59,8 @@ def app(mlflow_server, ray_cluster, tiny_model, storage, tmp_path_factory):
         "cfg": cfg,
         "conf": conf,
         "work": work,
-        "base": base, "dashboard": ray_cluster["dashboard"],
+        "base": base,
+        "dashboard": ray_cluster["dashboard"],
         "metrics": ray_cluster["metrics"],
     }
     http.close()
