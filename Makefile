@@ -14,10 +14,14 @@ PYTEST_ARGS ?=
 # Ray token authentication on (Ray's default for `ray start`); explicit-address clients must opt in to sending it.
 export RAY_AUTH_MODE ?= token
 
-.PHONY: help venv run up stop test lint lock clean tiny-model
+SERVE_PORT ?= 8000
+SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
+
+.PHONY: help venv run up serve stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
+	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
 	@echo "make stop   - stop the Ray head and MLflow server that make run started"
@@ -49,10 +53,22 @@ run: up
 	  --runtime-env-json '{"env_vars": {"RAY_APP_GIT_COMMIT": "$(shell git rev-parse HEAD 2>/dev/null || echo unknown)"}}' \
 	  -- ray-app pipeline --config $(CONFIG) --results-dir $(CURDIR)/results \
 	     --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
-	@echo "== done =="
 	@echo "results JSON:   $$(ls -t results/pipeline-*.json | head -1)"
+	@$(MAKE) --no-print-directory serve
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
-	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)"
+	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs)"
+	@echo "Metrics:        http://127.0.0.1:8080/metrics  (Prometheus scrape target; ray_app_* series)"
+
+# What a user does on any cluster: serve deploy the config; the package is already installed in the cluster's env.
+serve: up
+	@echo "== serve deploy serve_config.yaml =="
+	$(BIN)/serve deploy serve_config.yaml --address http://127.0.0.1:$(DASHBOARD_PORT)
+	$(BIN)/python -m ray_app.local wait --url $(SERVE_URL)/ready --timeout 300
+	@echo "== a request (curl) =="
+	curl -sS -X POST $(SERVE_URL)/predict -H 'Content-Type: application/json' \
+	  -d '{"title": "Fine-tuning BERT for sentiment", "description": "Transformers on movie reviews"}'
+	@echo
+	@echo "API docs:       $(SERVE_URL)/docs    models: $(SERVE_URL)/models"
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m ray_app.local down --state $(STATE) || echo "nothing to stop"

@@ -65,6 +65,14 @@ def _wait_http(url: str, timeout: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _port_open(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
 def pids_of(marker: str) -> list[int]:
     """Processes whose command line mentions `marker` (a cluster's temp dir), excluding this one."""
     out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
@@ -115,6 +123,7 @@ def start_ray_head(
     `metrics_port` fixes where Prometheus scrapes this node's metrics (Serve's included): http://HOST:PORT/metrics.
     """
     temp_dir.mkdir(parents=True, exist_ok=True)
+    agent_port = free_port()
     cmd = [
         str(BIN / "ray"),
         "start",
@@ -125,6 +134,7 @@ def start_ray_head(
         f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir.resolve()}",
         f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
         *([f"--metrics-export-port={metrics_port}"] if metrics_port else []),
     ]
@@ -134,6 +144,9 @@ def start_ray_head(
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{dashboard}/api/version", 60)
+        # `ray job submit` needs the head's dashboard agent too, and the dashboard waits only 10 s for it: on a busy
+        # machine the agent comes up later than the dashboard, so wait for its port as well.
+        _wait_port(agent_port, 120)
     except RuntimeError:
         stop_ray_head(temp_dir)
         raise
@@ -252,7 +265,9 @@ def down(state_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", "wait"])
+    parser.add_argument("--url", help="wait: the URL that must answer 200")
+    parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--state", type=Path, default=Path(".run/services.json"))
     parser.add_argument("--root", type=Path, default=Path(".run"))
     parser.add_argument("--ray-port", type=int, default=6380)
@@ -272,6 +287,9 @@ def main() -> None:
             args.metrics_port,
         )
         print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}, metrics {s.metrics_url}")
+    elif args.action == "wait":
+        _wait_http(args.url, args.timeout)
+        print(f"{args.url} is up")
     else:
         down(args.state)
 

@@ -119,7 +119,7 @@ async def _guard_request(request: Request, call_next):
             error_body("request_too_large", f"body of {size} bytes exceeds {state.max_body_bytes}"), status_code=413
         )
     key = getattr(state, "api_key", None)
-    if key and request.url.path != "/health":
+    if key and not request.url.path.endswith("/health"):
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), key.encode()):
             return JSONResponse(
@@ -174,7 +174,10 @@ class Ingress:
 
     @api.get("/ready")
     async def ready(self) -> JSONResponse:
-        ref = self._resolve(self.args.default_model)
+        try:
+            ref = self._resolve(self.args.default_model)
+        except ApiError as err:  # no champion yet (nothing trained) is "not ready", not a client error
+            raise ApiError(503, "not_ready", err.detail, {"Retry-After": "5"}) from None
         loaded = await self.pool.options(multiplexed_model_id=ref.concrete).is_loaded.remote(ref.concrete)
         if not loaded:
             raise ApiError(503, "not_ready", f"default model {ref.concrete} is not loaded yet", {"Retry-After": "5"})

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from ray import serve
 from ray.serve import metrics
 
@@ -89,6 +88,7 @@ class ModelPool:
         self.m_load_ms = metrics.Histogram(
             "app_model_load_ms", "Time to load and warm up a version.", boundaries=LOAD_MS_BUCKETS
         )
+        self.m_int8 = metrics.Counter("app_int8", "int8 checks at load.", tag_keys=("model_id", "outcome"))
         self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
         self.directory = None
         self._reporter = asyncio.create_task(self._report_loop())
@@ -111,6 +111,8 @@ class ModelPool:
         try:
             pyfunc = await asyncio.to_thread(mlflow.pyfunc.load_model, f"models:/{model_id}")
             classifier = pyfunc.unwrap_python_model().classifier
+            if self.args.int8:
+                classifier = await asyncio.to_thread(self._int8_if_safe, model_id, classifier)
             await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported as this version's, not the replica's
             self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
@@ -125,6 +127,25 @@ class ModelPool:
         self._report()
         return loaded
 
+    def _int8_if_safe(self, model_id: str, classifier):
+        """The int8 model only if it scores within `int8_max_f1_drop` of fp32 on the version's frozen test rows."""
+        from mlflow.tracking import MlflowClient
+
+        from ray_app.registry import frozen_test_rows
+
+        name, version = model_id.split("/")
+        try:
+            rows = frozen_test_rows(MlflowClient(), name, version)
+        except Exception as exc:  # noqa: BLE001 - no rows to check against means no int8, never an unchecked one
+            log.warning("int8 refused for %s: its test rows could not be read (%s); serving fp32", model_id, exc)
+            self.m_int8.inc(tags={"model_id": model_id, "outcome": "no_test_rows"})
+            return classifier
+        check = int8_check(classifier, rows, self.args.text_columns, self.args.int8_max_f1_drop)
+        outcome = "used" if check["accepted"] else "refused"
+        self.m_int8.inc(tags={"model_id": model_id, "outcome": outcome})
+        log.warning("int8 %s for %s: %s", outcome, model_id, {k: v for k, v in check.items() if k != "model"})
+        return check["model"] if check["accepted"] else classifier
+
     def _forget(self, model_id: str) -> None:
         self.loaded.pop(model_id, None)
         log.info("evicted %s", model_id)
@@ -132,10 +153,16 @@ class ModelPool:
 
     async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
         """request: {"model_id": NAME/VERSION, "texts": [...]}; the caller also sets it as the multiplexed id."""
+        if not self.args.batch.enabled:
+            return (await self._forward([request]))[0]
         return await self._predict_batch(request)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_items)
     async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._forward(requests)
+
+    async def _forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One forward pass for every item of these requests, all for the one model id Serve routed them with."""
         model_id = serve.get_multiplexed_model_id()
         asked = {r["model_id"] for r in requests}
         if asked != {model_id}:
@@ -180,6 +207,19 @@ class ModelPool:
             self.directory.forget.remote(self.replica)
 
 
-def top(labels: list[str], probs: np.ndarray) -> tuple[str, float]:
-    i = int(np.argmax(probs))
-    return labels[i], float(probs[i])
+def int8_check(classifier, rows, text_columns: list[str], max_drop: float) -> dict[str, Any]:
+    """Score fp32 and int8 on the same labelled rows; accept int8 when its weighted F1 drops by at most max_drop."""
+    from ray_app.evaluate import scores
+    from ray_app.model import quantize_int8
+
+    quantized = quantize_int8(classifier)
+    truth = list(rows["label"])
+    f1 = scores(truth, list(classifier.predict_frame(rows, text_columns)["label"]))["f1_weighted"]
+    f1_int8 = scores(truth, list(quantized.predict_frame(rows, text_columns)["label"]))["f1_weighted"]
+    return {
+        "accepted": f1 - f1_int8 <= max_drop,
+        "f1_fp32": round(f1, 4),
+        "f1_int8": round(f1_int8, 4),
+        "rows": len(rows),
+        "model": quantized,
+    }

@@ -15,6 +15,7 @@ class _Strict(BaseModel):
 class BatchSettings(_Strict):
     """`@serve.batch` on the model pool; sizes count items, not requests, so a 32-item request fills a batch."""
 
+    enabled: bool = Field(True, description="False: every request is its own forward pass (for comparison).")
     max_batch_size: int = Field(32, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
 
@@ -53,6 +54,10 @@ class ServeArgs(_Strict):
         "RAY_APP_API_KEY", description="Env var holding the API key; when it is set, every route but /health needs it."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on overload.")
+    int8: bool = Field(False, description="Serve versions int8-quantized (CPU) if they pass the check below.")
+    int8_max_f1_drop: float = Field(
+        0.01, ge=0, le=1, description="Refuse int8 (serve fp32) if weighted F1 on the version's test rows drops more."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

@@ -1,0 +1,286 @@
+"""Serving throughput and latency: the model in process (the ceiling), a plain FastAPI + uvicorn server (the
+baseline users would otherwise write), and this project's Ray Serve app without and with `@serve.batch`, each with
+single-item and 32-item requests at several concurrencies; then an open-loop sweep for the highest request rate
+that keeps p99 under 100 ms.
+
+    .venv/bin/python bench/serve.py --tracking-uri http://127.0.0.1:5000 --model projects-classifier@champion
+
+Needs a registered model (what `make run` leaves behind); starts its own Ray head on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, _fmt
+
+P99_TARGET_MS = 100.0
+
+
+def texts(n: int) -> list[dict[str, str]]:
+    frame = pd.read_csv(ROOT / "data" / "projects" / "dataset.csv", keep_default_na=False)
+    rows = frame[["title", "description"]].to_dict("records")
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def in_process(model_dir: str, items: list[dict[str, str]], seconds: float) -> list[dict[str, Any]]:
+    """The ceiling: predict_proba called directly, one item at a time and 32 at a time."""
+    import torch
+
+    from ray_app.model import TextClassifier
+    from ray_app.text import join_parts
+
+    torch.set_num_threads(2)
+    clf = TextClassifier.load(model_dir)
+    strings = [join_parts([i["title"], i["description"]]) for i in items]
+    clf.predict_proba(strings[:64])  # warm up
+    rows = []
+    for size in (1, 32):
+        lat, done, start = [], 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            chunk = [strings[(done + k) % len(strings)] for k in range(size)]
+            t0 = time.perf_counter()
+            clf.predict_proba(chunk, batch_size=size)
+            lat.append((time.perf_counter() - t0) * 1000)
+            done += size
+        wall = time.perf_counter() - start
+        rows.append(cell("in-process", size, 1, lat, [200] * len(lat), wall))
+    return rows
+
+
+def cell(server: str, size: int, conc: int, lat: list[float], codes: list[int], wall: float) -> dict[str, Any]:
+    ok = [ms for ms, c in zip(lat, codes, strict=True) if c == 200]
+    return {
+        "server": server,
+        "items_per_request": size,
+        "concurrency": conc,
+        "requests": len(lat),
+        "errors": sum(1 for c in codes if c != 200),
+        "req_s": len(ok) / wall,
+        "items_s": len(ok) * size / wall,
+        "p50_ms": float(np.percentile(ok, 50)) if ok else float("nan"),
+        "p99_ms": float(np.percentile(ok, 99)) if ok else float("nan"),
+    }
+
+
+async def closed_loop(url: str, items: list[dict[str, str]], size: int, conc: int, n: int, seconds: float):
+    """`conc` clients, each sending its next request when the last one returns, until n requests or the time is up."""
+    lat: list[float] = []
+    codes: list[int] = []
+    sent = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < n and time.perf_counter() < deadline:
+            body = {"items": [items[(sent * size + k) % len(items)] for k in range(size)]}
+            sent += 1
+            t0 = time.perf_counter()
+            r = await c.post(url, json=body)
+            lat.append((time.perf_counter() - t0) * 1000)
+            codes.append(r.status_code)
+
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*[client(c) for _ in range(conc)])
+        return lat, codes, time.perf_counter() - start
+
+
+async def open_loop(url: str, items: list[dict[str, str]], rate: float, seconds: float):
+    """Requests sent on a fixed schedule, not waiting for replies: latency includes queueing, as real traffic sees."""
+    lat: list[float] = []
+    codes: list[int] = []
+
+    async def one(c: httpx.AsyncClient, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await c.post(url, json={"items": [items[i % len(items)]]})
+            codes.append(r.status_code)
+        except httpx.HTTPError:
+            codes.append(599)
+        lat.append((time.perf_counter() - t0) * 1000)
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=1000)) as c:
+        tasks, start = [], time.perf_counter()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(c, i)))
+        await asyncio.gather(*tasks)
+    ok = [ms for ms, code in zip(lat, codes, strict=True) if code == 200]
+    return (float(np.percentile(ok, 99)) if ok else float("inf")), len(codes) - len(ok)
+
+
+def max_rate(url: str, items, rates: list[float], seconds: float) -> tuple[float, list[dict[str, Any]]]:
+    best, sweep = 0.0, []
+    for rate in rates:
+        p99, errors = asyncio.run(open_loop(url, items, rate, seconds))
+        sweep.append({"rate": rate, "p99_ms": p99, "errors": errors})
+        print(f"  open loop {rate:>5.0f} req/s: p99 {p99:7.1f} ms, errors {errors}", flush=True)
+        if p99 >= P99_TARGET_MS or errors:
+            break
+        best = rate
+    return best, sweep
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def run_cells(server: str, url: str, items, args) -> list[dict[str, Any]]:
+    rows = []
+    for size in (1, 32):
+        for conc in args.concurrency:
+            asyncio.run(closed_loop(url, items, size, min(conc, 4), 8, 10))  # warm connections and caches
+            lat, codes, wall = asyncio.run(closed_loop(url, items, size, conc, args.requests, args.seconds))
+            rows.append(cell(server, size, conc, lat, codes, wall))
+            r = rows[-1]
+            print(
+                f"  {server:<14} {size:>2} items x{conc:<3} {r['req_s']:7.1f} req/s {r['items_s']:7.1f} items/s "
+                f"p50 {r['p50_ms']:7.1f} p99 {r['p99_ms']:7.1f} errors {r['errors']}",
+                flush=True,
+            )
+    return rows
+
+
+def plain_server(model_dir: str, port: int, items, args) -> tuple[list[dict[str, Any]], float, list]:
+    env = {**os.environ, "MODEL_DIR": model_dir, "TORCH_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.plain_server:app", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready")
+        url = f"http://127.0.0.1:{port}/predict"
+        rows = run_cells("fastapi", url, items, args)
+        best, sweep = max_rate(url, items, args.rates, args.open_seconds)
+        return rows, best, sweep
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list]:
+    """This project's app, deployed twice on a fresh head: batching off, then on."""
+    import ray
+    from ray import serve
+
+    from ray_app.local import free_port, start_ray_head, stop_ray_head
+    from ray_app.serve.app import build_app
+    from ray_app.serve.settings import ServeArgs
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    temp = Path(tempfile.mkdtemp(prefix="rb-"))
+    address, _, pids = start_ray_head(temp, free_port(), free_port(), num_cpus=2)
+    rows, best, sweep = [], 0.0, []
+    try:
+        ray.init(address=address, logging_level="WARNING")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        name, _, ref = args.model.partition("@")
+        for label, enabled in (("serve", False), ("serve+batch", True)):
+            sargs = ServeArgs(
+                tracking_uri=args.tracking_uri,
+                model_name=name,
+                default_model=f"@{ref}" if ref else args.model,
+                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": args.batch_wait},
+                api_key_env=None,
+            )
+            serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
+            wait_ready(f"http://127.0.0.1:{port}/ready")
+            url = f"http://127.0.0.1:{port}/predict"
+            rows += run_cells(label, url, items, args)
+            if enabled:
+                best, sweep = max_rate(url, items, args.rates, args.open_seconds)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        stop_ray_head(temp, pids)
+    return rows, best, sweep
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    plain = {(r["items_per_request"], r["concurrency"]): r for r in rows if r["server"] == "fastapi"}
+    names = ["server", "items/request", "concurrency", "req/s", "items/s", "p50 ms", "p99 ms", "errors"]
+    names += ["req/s ÷ fastapi", "p99 ÷ fastapi"]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in rows:
+        base = plain.get((r["items_per_request"], r["concurrency"]))
+        rr = r["req_s"] / base["req_s"] if base and r["server"] != "in-process" else float("nan")
+        pr = r["p99_ms"] / base["p99_ms"] if base and r["server"] != "in-process" else float("nan")
+        cols = [r["server"], r["items_per_request"], r["concurrency"], r["req_s"], r["items_s"], r["p50_ms"]]
+        cols += [r["p99_ms"], r["errors"], rr, pr]
+        lines.append("| " + " | ".join(_fmt(float(c) if isinstance(c, float) else c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tracking-uri", default="http://127.0.0.1:5000")
+    p.add_argument("--model", default="projects-classifier@champion", help="NAME@ALIAS or NAME/VERSION")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=400, help="Most requests per cell")
+    p.add_argument("--seconds", type=float, default=15, help="Most seconds per cell")
+    p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 30, 40, 60, 80, 100, 130])
+    p.add_argument("--open-seconds", type=float, default=8)
+    p.add_argument("--batch-wait", type=float, default=0.005)
+    args = p.parse_args()
+
+    import mlflow
+
+    from ray_app.local import free_port
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    uri = f"models:/{args.model}"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="bench-model-"))
+    model_dir = str(next(Path(local).rglob("config.json")).parent)
+    items = texts(2048)
+    load = os.getloadavg()[0]
+    print(f"model {uri} -> {model_dir}; load average {load:.1f}", flush=True)
+
+    rows = in_process(model_dir, items, args.seconds)
+    plain_rows, plain_best, plain_sweep = plain_server(model_dir, free_port(), items, args)
+    serve_rows, serve_best, serve_sweep = serve_variants(args, items)
+    rows += plain_rows + serve_rows
+    out = table(rows)
+    print("\n" + out)
+    print(f"\nopen loop, highest rate with p99 < {P99_TARGET_MS:.0f} ms (single-item requests): ", end="")
+    print(f"fastapi {plain_best:.0f} req/s, serve+batch {serve_best:.0f} req/s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "args": vars(args),
+        "rows": rows,
+        "open_loop": {"fastapi": plain_sweep, "serve+batch": serve_sweep},
+        "max_rate_p99_under_100ms": {"fastapi": plain_best, "serve+batch": serve_best},
+        "load_average_at_start": load,
+    }
+    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / 'serve.json'}")
+
+
+if __name__ == "__main__":
+    main()
