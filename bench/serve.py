@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -183,8 +184,97 @@ def plain_server(model_dir: str, port: int, items, args) -> tuple[list[dict[str,
         proc.wait(30)
 
 
-def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list]:
-    """This project's app, deployed twice on a fresh head: batching off, then on."""
+def cache_counts(metrics_url: str) -> dict[str, float]:
+    """Hits and misses of the pool's model cache, summed over versions, from the node's Prometheus endpoint."""
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_app_model_cache_total{"):
+            for result in counts:
+                if f'result="{result}"' in line:
+                    counts[result] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def register_copies(tracking_uri: str, model: str, n: int) -> tuple[str, list[str]]:
+    """n versions of a separate model name, all pointing at the benchmarked version's artifacts (nothing copied), so
+    the user's own registered model is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    name, _, alias = model.partition("@")
+    source = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(*model.split("/"))
+    bench_name = f"{source.name}-bench-multiplex"
+    with contextlib.suppress(Exception):  # exists from an earlier run: new versions are added
+        client.create_registered_model(bench_name, description="bench/serve.py: copies for the multiplexing run")
+    versions = [client.create_model_version(bench_name, source.source, run_id=source.run_id) for _ in range(n)]
+    deadline = time.monotonic() + 120
+    while any(client.get_model_version(bench_name, v.version).status != "READY" for v in versions):
+        if time.monotonic() > deadline:
+            raise SystemExit("registered copies did not become READY")
+        time.sleep(1)
+    return bench_name, [v.version for v in versions]
+
+
+def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
+    """Warm requests on a multiplexed pool vs the single-model numbers; a version's cold load; Zipf traffic over 5
+    versions with room for 2 per replica."""
+    from ray import serve
+
+    from ray_app.serve.app import build_app
+    from ray_app.serve.settings import ServeArgs
+
+    name, versions = register_copies(args.tracking_uri, args.model, 5)
+    sargs = ServeArgs(
+        tracking_uri=args.tracking_uri,
+        model_name=name,
+        default_model=versions[0],
+        max_models_per_replica=2,
+        batch={"max_batch_size": 32, "batch_wait_timeout_s": args.batch_wait},
+        api_key_env=None,
+    )
+    serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
+    wait_ready(f"http://127.0.0.1:{port}/ready")
+    base = f"http://127.0.0.1:{port}"
+    asyncio.run(closed_loop(f"{base}/predict", items, 1, 4, 8, 10))
+    lat, codes, wall = asyncio.run(closed_loop(f"{base}/predict", items, 1, 8, args.requests, args.seconds))
+    warm = cell("multiplexed", 1, 8, lat, codes, wall)
+    t0 = time.perf_counter()
+    httpx.post(f"{base}/predict", json={"title": "cold", "model": versions[2]}, timeout=120).raise_for_status()
+    cold_ms = (time.perf_counter() - t0) * 1000
+    rng = np.random.default_rng(0)
+    weights = 1 / np.arange(1, 6) ** 1.1
+    picks = rng.choice(5, size=args.requests, p=weights / weights.sum())
+    before = cache_counts(metrics_url)
+
+    async def zipf() -> tuple[list[float], list[int], float]:
+        sem, lat, codes = asyncio.Semaphore(8), [], []
+
+        async def one(c: httpx.AsyncClient, i: int) -> None:
+            async with sem:
+                t = time.perf_counter()
+                r = await c.post(f"{base}/predict", json={**items[i % len(items)], "model": versions[picks[i]]})
+                lat.append((time.perf_counter() - t) * 1000)
+                codes.append(r.status_code)
+
+        async with httpx.AsyncClient(timeout=120) as c:
+            start = time.perf_counter()
+            await asyncio.gather(*[one(c, i) for i in range(len(picks))])
+            return lat, codes, time.perf_counter() - start
+
+    zlat, zcodes, zwall = asyncio.run(zipf())
+    time.sleep(12)  # Ray exports metrics every few seconds
+    after = cache_counts(metrics_url)
+    hits, misses = after["hit"] - before["hit"], after["miss"] - before["miss"]
+    serve.delete("bench")
+    return {
+        "warm": warm,
+        "cold_load_ms": cold_ms,
+        "zipf": {**cell("zipf-5-versions", 1, 8, zlat, zcodes, zwall), "hit_rate": hits / max(hits + misses, 1)},
+    }
+
+
+def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict[str, Any]]:
+    """This project's app, deployed twice on a fresh head: batching off, then on; then the multiplexing run."""
     import ray
     from ray import serve
 
@@ -194,8 +284,9 @@ def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     temp = Path(tempfile.mkdtemp(prefix="rb-"))
-    address, _, pids = start_ray_head(temp, free_port(), free_port(), num_cpus=2)
-    rows, best, sweep = [], 0.0, []
+    metrics_port = free_port()
+    address, _, pids = start_ray_head(temp, free_port(), free_port(), num_cpus=2, metrics_port=metrics_port)
+    rows, best, sweep, mux = [], 0.0, [], {}
     try:
         ray.init(address=address, logging_level="WARNING")
         port = free_port()
@@ -216,11 +307,13 @@ def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list]:
             if enabled:
                 best, sweep = max_rate(url, items, args.rates, args.open_seconds)
             serve.delete("bench")
+        if not args.skip_multiplex:
+            mux = multiplexing(args, items, port, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
         stop_ray_head(temp, pids)
-    return rows, best, sweep
+    return rows, best, sweep, mux
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -238,6 +331,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def multiplex_table(mux: dict[str, Any], serve_rows: list[dict[str, Any]]) -> str:
+    single = next(
+        r for r in serve_rows if r["server"] == "serve+batch" and r["concurrency"] == 8 and r["items_per_request"] == 1
+    )
+    runs = [("single-model deployment", single), ("multiplexed, warm version", mux["warm"])]
+    runs.append(("Zipf over 5 versions, room for 2", mux["zipf"]))
+    lines = [
+        "| run (1 item, concurrency 8) | req/s | p50 ms | p99 ms | req/s ÷ single-model |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in runs:
+        cols = [r["req_s"], r["p50_ms"], r["p99_ms"], r["req_s"] / single["req_s"]]
+        lines.append(f"| {label} | " + " | ".join(_fmt(float(c)) for c in cols) + " |")
+    lines.append(
+        f"\ncold first request to an unloaded version: {mux['cold_load_ms']:.0f} ms; "
+        f"Zipf cache hit rate {mux['zipf']['hit_rate']:.3f}"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tracking-uri", default="http://127.0.0.1:5000")
@@ -248,6 +361,7 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 30, 40, 60, 80, 100, 130])
     p.add_argument("--open-seconds", type=float, default=8)
     p.add_argument("--batch-wait", type=float, default=0.005)
+    p.add_argument("--skip-multiplex", action="store_true")
     args = p.parse_args()
 
     import mlflow
@@ -264,18 +378,21 @@ def main() -> None:
 
     rows = in_process(model_dir, items, args.seconds)
     plain_rows, plain_best, plain_sweep = plain_server(model_dir, free_port(), items, args)
-    serve_rows, serve_best, serve_sweep = serve_variants(args, items)
+    serve_rows, serve_best, serve_sweep, mux = serve_variants(args, items)
     rows += plain_rows + serve_rows
     out = table(rows)
     print("\n" + out)
     print(f"\nopen loop, highest rate with p99 < {P99_TARGET_MS:.0f} ms (single-item requests): ", end="")
     print(f"fastapi {plain_best:.0f} req/s, serve+batch {serve_best:.0f} req/s")
+    if mux:
+        print("\n" + multiplex_table(mux, serve_rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "args": vars(args),
         "rows": rows,
         "open_loop": {"fastapi": plain_sweep, "serve+batch": serve_sweep},
         "max_rate_p99_under_100ms": {"fastapi": plain_best, "serve+batch": serve_best},
+        "multiplexing": mux,
         "load_average_at_start": load,
     }
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
