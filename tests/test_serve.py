@@ -97,6 +97,18 @@ def test_ready_health_docs(app):
     assert http.get("/docs").status_code == 200
 
 
+def test_models_lists_versions_aliases_and_what_replicas_hold(app):
+    body = app["http"].get("/models").json()
+    aliases = {v["version"]: v["aliases"] for v in body["versions"]}
+    assert "champion" in aliases[app["v1"]] and "challenger" in aliases[app["v2"]]
+
+    def held() -> list[str]:  # replicas report asynchronously (on load and every 10 s), so allow a moment
+        replicas = app["http"].get("/models").json()["replicas"]
+        return [m["model_id"] for r in replicas.values() for m in r["models"]]
+
+    wait_until(lambda: f"{app['name']}/{app['v1']}" in held(), 30, "the champion in a replica's report")
+
+
 def test_routes_by_default_header_body_and_alias(app):
     name, v1, v2 = app["name"], app["v1"], app["v2"]
     default = answer(app).json()

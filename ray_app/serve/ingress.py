@@ -189,6 +189,10 @@ class Ingress:
 
         try:
             versions = self.client.search_model_versions(f"name='{self.args.model_name}'")
+            # search results carry no aliases; the registered model has them all
+            by_version: dict[str, list[str]] = {}
+            for alias, version in (self.client.get_registered_model(self.args.model_name).aliases or {}).items():
+                by_version.setdefault(str(version), []).append(alias)
         except Exception as exc:  # noqa: BLE001 - the registry's client raises several types
             raise ApiError(503, "registry_unavailable", str(exc)) from None
         replicas = await directory_for(serve.get_replica_context().app_name).snapshot.remote()
@@ -198,7 +202,12 @@ class Ingress:
             "policy": self.policy.model_dump(),
             "canary_taken_out": self.guard.tripped,
             "versions": [
-                {"version": str(v.version), "aliases": list(v.aliases or []), "run_id": v.run_id, "status": v.status}
+                {
+                    "version": str(v.version),
+                    "aliases": sorted(by_version.get(str(v.version), [])),
+                    "run_id": v.run_id,
+                    "status": v.status,
+                }
                 for v in sorted(versions, key=lambda v: int(v.version))
             ],
             "replicas": replicas,
