@@ -39,28 +39,44 @@ def texts(n: int) -> list[dict[str, str]]:
 
 
 def in_process(model_dir: str, items: list[dict[str, str]], seconds: float) -> list[dict[str, Any]]:
-    """The ceiling: predict_proba called directly, one item at a time and 32 at a time."""
+    """The ceiling: predict_proba called directly, one item at a time and 32 at a time, fp32 and int8."""
     import torch
 
-    from ray_app.model import TextClassifier
+    from ray_app.model import TextClassifier, quantize_int8
     from ray_app.text import join_parts
 
     torch.set_num_threads(2)
-    clf = TextClassifier.load(model_dir)
+    fp32 = TextClassifier.load(model_dir)
     strings = [join_parts([i["title"], i["description"]]) for i in items]
-    clf.predict_proba(strings[:64])  # warm up
     rows = []
-    for size in (1, 32):
-        lat, done, start = [], 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            chunk = [strings[(done + k) % len(strings)] for k in range(size)]
-            t0 = time.perf_counter()
-            clf.predict_proba(chunk, batch_size=size)
-            lat.append((time.perf_counter() - t0) * 1000)
-            done += size
-        wall = time.perf_counter() - start
-        rows.append(cell("in-process", size, 1, lat, [200] * len(lat), wall))
+    for label, clf in (("in-process", fp32), ("in-process int8", quantize_int8(fp32))):
+        clf.predict_proba(strings[:64])  # warm up
+        for size in (1, 32):
+            lat, done, start = [], 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                chunk = [strings[(done + k) % len(strings)] for k in range(size)]
+                t0 = time.perf_counter()
+                clf.predict_proba(chunk, batch_size=size)
+                lat.append((time.perf_counter() - t0) * 1000)
+                done += size
+            rows.append(cell(label, size, 1, lat, [200] * len(lat), time.perf_counter() - start))
     return rows
+
+
+def int8_quality(tracking_uri: str, model: str, model_dir: str) -> dict[str, Any]:
+    """The check a replica runs before it serves int8: weighted F1 of both on the version's frozen test rows."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_app.model import TextClassifier
+    from ray_app.registry import frozen_test_rows
+    from ray_app.serve.pool import int8_check
+
+    client = MlflowClient(tracking_uri)
+    name, _, alias = model.partition("@")
+    version = client.get_model_version_by_alias(name, alias).version if alias else model.split("/")[1]
+    rows = frozen_test_rows(client, name, str(version))
+    check = int8_check(TextClassifier.load(model_dir), rows, ["title", "description"], max_drop=0.01)
+    return {k: v for k, v in check.items() if k != "model"}
 
 
 def cell(server: str, size: int, conc: int, lat: list[float], codes: list[int], wall: float) -> dict[str, Any]:
@@ -377,6 +393,8 @@ def main() -> None:
     print(f"model {uri} -> {model_dir}; load average {load:.1f}", flush=True)
 
     rows = in_process(model_dir, items, args.seconds)
+    quality = int8_quality(args.tracking_uri, args.model, model_dir)
+    print(f"int8 vs fp32 on the version's test rows: {quality}", flush=True)
     plain_rows, plain_best, plain_sweep = plain_server(model_dir, free_port(), items, args)
     serve_rows, serve_best, serve_sweep, mux = serve_variants(args, items)
     rows += plain_rows + serve_rows
@@ -384,6 +402,10 @@ def main() -> None:
     print("\n" + out)
     print(f"\nopen loop, highest rate with p99 < {P99_TARGET_MS:.0f} ms (single-item requests): ", end="")
     print(f"fastapi {plain_best:.0f} req/s, serve+batch {serve_best:.0f} req/s")
+    print(
+        f"int8 vs fp32, weighted F1 on the version's {quality['rows']} test rows: "
+        f"{quality['f1_int8']} vs {quality['f1_fp32']} ({'accepted' if quality['accepted'] else 'refused'})"
+    )
     if mux:
         print("\n" + multiplex_table(mux, serve_rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -393,6 +415,7 @@ def main() -> None:
         "open_loop": {"fastapi": plain_sweep, "serve+batch": serve_sweep},
         "max_rate_p99_under_100ms": {"fastapi": plain_best, "serve+batch": serve_best},
         "multiplexing": mux,
+        "int8_quality": quality,
         "load_average_at_start": load,
     }
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
