@@ -268,6 +268,18 @@ def make_tiny_model(out: Annotated[Path, typer.Option(help="Directory to write t
     typer.echo(f"tiny model: {make(out)}")
 
 
+@app.command()
+def kuberay(
+    serve_config: Annotated[Path, typer.Option(help="The Serve config to derive from")] = Path("serve_config.yaml"),
+    out: Annotated[Path, typer.Option(help="The RayService to update")] = Path("deploy/kuberay/rayservice.yaml"),
+) -> None:
+    """Regenerate serveConfigV2 of the KubeRay RayService from serve_config.yaml (only pod-specific values differ)."""
+    from ray_app.deploy import write_rayservice
+
+    changed = write_rayservice(serve_config, out)
+    typer.echo(f"{out}: {'updated' if changed else 'up to date'}")
+
+
 def main() -> None:
     try:
         app()
