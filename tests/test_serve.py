@@ -4,6 +4,7 @@ versions of a tiny model, and the app's own prediction log and metrics read back
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 
@@ -306,3 +307,21 @@ def test_prediction_log_reads_back_with_ray_data(app):
     rows = ds.filter(lambda r: r["request_id"] == "raydata-1").take_all()
     assert rows and rows[0]["text"] == "logged row. for ray data" and rows[0]["status"] == 200
     assert {"model_version", "label", "confidence", "probabilities", "latency_ms", "route"} <= set(rows[0])
+
+
+def test_canary_report_cli_prints_the_verdict_and_writes_results(app, tmp_path):
+    from tests.test_cli import ray_app
+
+    answer(app, headers={"X-Request-Id": "cli-report-1"})
+    wait_until(lambda: (read_log(str(app["conf"]["log_dir"]))["request_id"] == "cli-report-1").any(), 30, "the log")
+    sets = [
+        f"mlflow.tracking_uri={app['conf']['tracking_uri']}",
+        f"registry.model_name={app['name']}",
+        f"canary.log_uri={app['conf']['log_dir']}",
+        "canary.min_requests=1000000",
+    ]
+    proc = ray_app("canary-report", "--results-dir", str(tmp_path), *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: HOLD" in proc.stdout and "champion" in proc.stdout
+    result = json.loads(next(tmp_path.glob("canary-report-*.json")).read_text())
+    assert result["verdict"] == "hold" and result["champion"]["version"] == app["v1"]
