@@ -103,7 +103,7 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
         start_new_session=True,
     )
     try:
-        _wait_http(f"http://{host}:{port}/health", 90)
+        _wait_http(f"http://{host}:{port}/health", 240)  # a busy 2-core machine has needed more than 90 s
     except RuntimeError:
         proc.kill()
         raise
@@ -143,7 +143,7 @@ def start_ray_head(
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PATH": path, **(env or {})}, timeout=120)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_http(f"{dashboard}/api/version", 60)
+        _wait_http(f"{dashboard}/api/version", 180)
         # `ray job submit` needs the head's dashboard agent too, and the dashboard waits only 10 s for it: on a busy
         # machine the agent comes up later than the dashboard, so wait for its port as well.
         _wait_port(agent_port, 120)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ray_app.config import AppConfig
+from ray_app.errors import AppError
 from ray_app.local import BIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5) -> Any:
             result = check()
             if result:
                 return result
-        except (httpx.HTTPError, AssertionError) as exc:
+        except (httpx.HTTPError, AssertionError, AppError) as exc:  # AppError: e.g. no log file written yet
             last = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
