@@ -249,7 +249,14 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
 
 
 @app.command()
-def tune(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+def tune(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the study (restoring a search whose driver died).")
+    ] = False,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
     """Ray Tune + Optuna search with ASHA; the best trial is evaluated and registered as `challenger`."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
@@ -257,7 +264,7 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt 
 
         return run_tune(cfg, _connect(cfg))
 
-    _run("tune", config, set_, results_dir, body)
+    _run("tune", config, [*(set_ or []), *(["tune.resume=true"] if resume else [])], results_dir, body)
 
 
 @app.command("make-tiny-model")

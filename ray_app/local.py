@@ -140,7 +140,11 @@ def start_ray_head(
     ]
     # The venv's bin first on PATH, so a `ray job submit -- ray-app ...` entrypoint finds this install's console script.
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PATH": path, **(env or {})}, timeout=120)
+    # RAY_ADDRESS for every process of this cluster: Ray internals that call the state API without an address (Train
+    # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
+    # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
+    own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **own, **(env or {})}, timeout=120)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{dashboard}/api/version", 180)

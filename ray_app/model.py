@@ -63,12 +63,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         raise _load_error(name_or_path, exc) from None
 
 
-def load_for_training(name_or_path: str, labels: list[str], dropout: float | None = None) -> PreTrainedModel:
-    """A pretrained encoder with a fresh classification head sized for `labels`."""
+def load_for_training(
+    name_or_path: str, labels: list[str], dropout: float | None = None, num_layers: int | None = None
+) -> PreTrainedModel:
+    """A pretrained encoder with a fresh classification head sized for `labels`, optionally cut to its first
+    `num_layers` encoder layers."""
     path = resolve_model_path(name_or_path)
     extra = {"classifier_dropout": dropout} if dropout is not None else {}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
@@ -78,6 +81,23 @@ def load_for_training(name_or_path: str, labels: list[str], dropout: float | Non
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, exc) from None
+    return keep_layers(model, num_layers) if num_layers is not None else model
+
+
+def keep_layers(model: PreTrainedModel, n: int) -> PreTrainedModel:
+    """Drop all but the first `n` encoder layers (BERT-like: `base_model.encoder.layer`), and say so in the config,
+    so `save_pretrained` writes an `n`-layer model that `from_pretrained` reads back as it is."""
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise AppError(
+            f"model.num_layers needs a BERT-like encoder (base_model.encoder.layer); {type(model).__name__} has "
+            "none. Set model.num_layers to null (and drop num_layers from tune.space) for this model"
+        )
+    if not 1 <= n <= len(layers):
+        raise AppError(f"model.num_layers={n} but the model has {len(layers)} encoder layers; choose 1..{len(layers)}")
+    model.base_model.encoder.layer = layers[:n]
+    model.config.num_hidden_layers = n
+    return model
 
 
 @dataclass

@@ -127,43 +127,68 @@ def with_absolute_paths(cfg: AppConfig) -> AppConfig:
     )
 
 
-def run_tune(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
-    """Search in one parent run with a nested run per trial; the best trial's best checkpoint is evaluated on the
-    test split and registered as `challenger` (no retraining)."""
+def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) -> dict[str, Any]:
+    """Search in one parent run with a nested run per trial; the chosen trial's best checkpoint is evaluated on the
+    test split and registered as `challenger` (no retraining), then promoted through the gate if asked.
+
+    With `tune.resume`, a search whose driver died (parent run still RUNNING, Tune experiment on storage) is
+    restored inside that same parent run; otherwise a new parent run adds `num_samples` trials to the study."""
     from ray.train import Checkpoint
 
-    from ray_app.tune import run_search
+    from ray_app.tune import STUDY_TAG, find_interrupted_search, run_search
 
     cfg = with_absolute_paths(cfg)  # Tune runs each trial in its own working directory
     timer = Timer()
     with timer.stage("data"):
         splits = prepare(cfg.data)
-    with mlflow.start_run(run_name=f"tune-{cfg.tune.study_name}", tags={"ray_app.stage": "tune"}) as run:
-        log_config(cfg)
-        log_data(splits, cfg.data)
+    interrupted = find_interrupted_search(cfg, tracking) if cfg.tune.resume else None
+    if interrupted is not None:
+        log.warning("resuming the interrupted search in run %s", interrupted.info.run_id)
+        parent = mlflow.start_run(run_id=interrupted.info.run_id)
+    else:
+        tags = {"ray_app.stage": "tune", STUDY_TAG: cfg.tune.study_name}
+        parent = mlflow.start_run(run_name=f"tune-{cfg.tune.study_name}", tags=tags)
+    with parent as run:
+        if interrupted is None:
+            log_config(cfg)
+            log_data(splits, cfg.data)
         with timer.stage("search"):
             found = run_search(cfg, tracking, splits)
         with timer.stage("evaluate"), Checkpoint(found.best_checkpoint_path).as_directory() as ckpt:
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
             registered = register_checkpoint(cfg, splits, found.best_checkpoint_path, run.info.run_id)
-    return {
+    decision: GateDecision | None = None
+    if promote_after:
+        with timer.stage("promote"):
+            decision = promote(cfg.registry)
+    results = {
         "tracking_uri": tracking.uri,
         "experiment": tracking.experiment_name,
+        "experiment_id": tracking.experiment_id,
         "run_id": run.info.run_id,
         "search": found.to_dict(),
         "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
         "test_metrics": evaluation.metrics,
+        "test_per_class": evaluation.per_class,
         "baseline_test_metrics": evaluation.baseline,
+        "vs_baseline": evaluation.difference,
+        "promotion": decision.to_dict() if decision else None,
         "durations_s": timer.durations,
     }
+    mlflow.MlflowClient().log_dict(run.info.run_id, results, "results/tune.json")
+    return results
 
 
 def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
-    """data -> train -> evaluate -> register -> promote, all in one MLflow run; returns the results JSON."""
+    """data -> train -> evaluate -> register -> promote, all in one MLflow run; returns the results JSON. With
+    `pipeline.search`, the training step is the hyperparameter search (`run_tune`) and the chosen trial's checkpoint
+    goes on to evaluation, registration and promotion."""
     from ray.train import Checkpoint
 
     resolve_model_path(cfg.model.name_or_path)  # a wrong model path fails now, not after the data stage
+    if cfg.pipeline.search:
+        return run_tune(cfg, tracking, promote_after=cfg.pipeline.promote)
     timer = Timer()
     with timer.stage("data"):
         splits = prepare(cfg.data)

@@ -27,6 +27,8 @@ SCORE = "val_f1_weighted"
 MODEL_SUBDIR = "model"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+LATENCY_BATCH = 32  # rows per timed forward pass: the batch size serving reaches under load
+LATENCY_REPEATS = 7
 
 
 @dataclass
@@ -113,6 +115,25 @@ def _evaluate(model: torch.nn.Module, batches, device: torch.device, loss_fn) ->
     }
 
 
+def latency_p50_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Median forward time of one batch of validation rows on CPU with this worker's threads: the cost objective of
+    a multi-objective search, which fewer layers or a shorter max_length really lower. Concurrent trials on the
+    same node share its cores and make it noisier."""
+    import copy
+
+    cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+    cpu_model.eval()
+    inputs = {k: batch[k].cpu() for k in ("input_ids", "attention_mask")}
+    times = []
+    with torch.inference_mode():
+        cpu_model(**inputs)  # warm-up: first-call allocations
+        for _ in range(LATENCY_REPEATS):
+            started = time.perf_counter()
+            cpu_model(**inputs)
+            times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
 def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: dict[str, Any]) -> None:
     model.save_pretrained(directory / MODEL_SUBDIR)
     tokenizer.save_pretrained(directory / MODEL_SUBDIR)
@@ -161,7 +182,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             model = AutoModelForSequenceClassification.from_pretrained(Path(ckpt_dir) / MODEL_SUBDIR)
             saved = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
     else:
-        model = load_for_training(loop_cfg["model_path"], loop_cfg["labels"], loop_cfg["dropout"])
+        model = load_for_training(
+            loop_cfg["model_path"], loop_cfg["labels"], loop_cfg["dropout"], loop_cfg.get("num_layers")
+        )
         saved = None
     resumed_from = state["epoch"] if saved is None else saved["epoch"]
     model = ray.train.torch.prepare_model(model)
@@ -186,7 +209,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    param_count = sum(p.numel() for p in raw_model.parameters())
     first_epoch = cfg.epochs + 1 if state["stopped"] else state["epoch"] + 1  # an early-stopped run stays stopped
+    if saved is not None and first_epoch > cfg.epochs and state["history"]:
+        # A finished run started again (Tune restoring a trial that ended after its last experiment snapshot):
+        # report its last epoch once more, so the caller still gets its metrics and a checkpoint.
+        ray.train.report(state["history"][-1], checkpoint=checkpoint if rank == 0 else None)
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
@@ -214,6 +242,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if rank == 0:
             val_batches = val_data.iter_torch_batches(batch_size=cfg.eval_batch_size, collate_fn=TrimPadding())
             metrics.update(_evaluate(raw_model, val_batches, device, loss_fn))
+            metrics["param_count"] = float(param_count)
+            if loop_cfg.get("measure_latency"):
+                timed = val_data.iter_torch_batches(batch_size=LATENCY_BATCH, collate_fn=TrimPadding())
+                metrics["latency_p50_ms"] = latency_p50_ms(raw_model, next(iter(timed)), device)
             improved = metrics[SCORE] > state["best"] + 1e-4
             state["best"] = max(state["best"], metrics[SCORE])
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -257,8 +289,10 @@ def build_trainer(
     tracking_uri: str | None,
     run_id: str | None,
     callbacks: list | None = None,
+    measure_latency: bool = False,
 ):
-    """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries."""
+    """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries; with
+    `measure_latency`, every epoch also reports `latency_p50_ms` (a search's cost objective)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -273,6 +307,8 @@ def build_trainer(
         "model_path": model_path,
         "labels": splits.labels,
         "dropout": cfg.model.dropout,
+        "num_layers": cfg.model.num_layers,
+        "measure_latency": measure_latency,
         "n_train": len(splits.train),
         "class_weights": class_weights(splits.labels, list(splits.train["label"])),
         "tracking_uri": tracking_uri,
