@@ -69,7 +69,7 @@ def plain_run(cfg: AppConfig, splits: Splits, rows: dict[str, Rows]) -> dict[str
     torch.manual_seed(tc.seed)
     device = torch.device("cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    model = load_for_training(cfg.model.name_or_path, splits.labels, cfg.model.dropout).to(device)
+    model = load_for_training(cfg.model.name_or_path, splits.labels, cfg.model.dropout, cfg.model.num_layers).to(device)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     n_train = len(rows["train"]["labels"])
     total = math.ceil(n_train / tc.batch_size) * tc.epochs

@@ -105,7 +105,7 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
     try:
         _wait_http(f"http://{host}:{port}/health", 240)  # a busy 2-core machine has needed more than 90 s
     except RuntimeError:
-        proc.kill()
+        stop_pids(with_descendants([proc.pid]))  # its uvicorn and job runner too, or they outlive it
         raise
     return proc.pid
 
