@@ -170,7 +170,7 @@ def test_mixed_versions_concurrent_each_answered_by_its_version(app):
         text = httpx.get(app["metrics"], timeout=10).text
         return all(batch_sizes(text, f"{name}/{v}")[1] > batch_sizes(text, f"{name}/{v}")[0] for v in versions)
 
-    wait_until(batched, 60, "batch-size metrics with batches of more than one item")
+    wait_until(batched, 120, "batch-size metrics with batches of more than one item")
 
 
 def batch_sizes(metrics_text: str, model_id: str) -> tuple[float, float]:
@@ -257,7 +257,8 @@ def test_overload_answers_503_fast(app):
 
 
 def test_canary_split_is_weighted_and_sticky_then_guard_takes_it_out(app):
-    redeploy(app, canary="@challenger", canary_weight=0.3)
+    lenient = {"max_p99_ms": 600_000, "max_error_rate": 1.0}  # a slow CI machine must not trip the guard here
+    redeploy(app, canary="@challenger", canary_weight=0.3, guard=lenient)
     routes = Counter(answer(app, headers={"X-User-Id": f"user-{i}"}).json()["route"] for i in range(300))
     share = routes["canary"] / 300
     assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 300), routes  # 4 sigma
