@@ -158,15 +158,9 @@ def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) ->
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
             registered = register_checkpoint(cfg, splits, found.best_checkpoint_path, run.info.run_id)
-    decision: GateDecision | None = None
-    if promote_after:
-        with timer.stage("promote"):
-            decision = promote(cfg.registry)
+    decision = _promote_if(promote_after, cfg, timer)
     results = {
-        "tracking_uri": tracking.uri,
-        "experiment": tracking.experiment_name,
-        "experiment_id": tracking.experiment_id,
-        "run_id": run.info.run_id,
+        **_run_summary(tracking, run.info.run_id),
         "search": found.to_dict(),
         "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
         "test_metrics": evaluation.metrics,
@@ -178,6 +172,22 @@ def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) ->
     }
     mlflow.MlflowClient().log_dict(run.info.run_id, results, "results/tune.json")
     return results
+
+
+def _promote_if(wanted: bool, cfg: AppConfig, timer: Timer) -> GateDecision | None:
+    if not wanted:
+        return None
+    with timer.stage("promote"):
+        return promote(cfg.registry)
+
+
+def _run_summary(tracking: Tracking, run_id: str) -> dict[str, str]:
+    return {
+        "tracking_uri": tracking.uri,
+        "experiment": tracking.experiment_name,
+        "experiment_id": tracking.experiment_id,
+        "run_id": run_id,
+    }
 
 
 def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
@@ -199,15 +209,9 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
             registered = register_checkpoint(cfg, splits, trained.checkpoint_path, run_id)
-    decision: GateDecision | None = None
-    if cfg.pipeline.promote:
-        with timer.stage("promote"):
-            decision = promote(cfg.registry)
+    decision = _promote_if(cfg.pipeline.promote, cfg, timer)
     results = {
-        "tracking_uri": tracking.uri,
-        "experiment": tracking.experiment_name,
-        "experiment_id": tracking.experiment_id,
-        "run_id": run_id,
+        **_run_summary(tracking, run_id),
         "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
         "data": splits.report.to_dict() | {"bad_examples": len(splits.report.bad_examples)},
         "train": {k: v for k, v in trained.to_dict().items() if k != "history"},
