@@ -17,11 +17,12 @@ export RAY_AUTH_MODE ?= token
 SERVE_PORT ?= 8000
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
 	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
+	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
 	@echo "make stop   - stop the Ray head and MLflow server that make run started"
@@ -55,6 +56,7 @@ run: up
 	     --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
 	@echo "results JSON:   $$(ls -t results/pipeline-*.json | head -1)"
 	@$(MAKE) --no-print-directory serve
+	@$(MAKE) --no-print-directory replay
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs)"
 	@echo "Metrics:        http://127.0.0.1:8080/metrics  (Prometheus scrape target; ray_app_* series)"
@@ -69,6 +71,12 @@ serve: up
 	  -d '{"title": "Fine-tuning BERT for sentiment", "description": "Transformers on movie reviews"}'
 	@echo
 	@echo "API docs:       $(SERVE_URL)/docs    models: $(SERVE_URL)/models"
+
+# The champion's frozen test rows through the served app: a real prediction log to monitor, and its labels file.
+replay: up
+	@echo "== replaying the champion's test split through $(SERVE_URL) =="
+	$(BIN)/ray-app replay --url $(SERVE_URL) --labels-out results/replay-labels.csv \
+	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m ray_app.local down --state $(STATE) || echo "nothing to stop"

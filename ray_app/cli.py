@@ -237,6 +237,32 @@ def canary_report(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Re
 
 
 @app.command()
+def replay(
+    url: Annotated[str, typer.Option(help="The Serve app's base URL")] = "http://127.0.0.1:8000",
+    labels_out: Annotated[Path, typer.Option(help="Where to write request_id,item,label")] = Path(
+        "results/replay-labels.csv"
+    ),
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    api_key_env: Annotated[str, typer.Option(help="Env var holding the app's API key")] = "RAY_APP_API_KEY",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Send the champion's frozen test rows through the served app: a real prediction log and its labels file."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.replay import replay as send
+        from ray_app.runtime import secret_from_env
+
+        tracking = _connect(cfg, ray=False)
+        result = send(cfg, url, labels_out, secret_from_env(api_key_env), concurrency)
+        typer.echo(f"replayed {result.sent} rows to {url}: statuses {result.statuses}, accuracy {result.accuracy}")
+        return {"tracking_uri": tracking.uri, **result.to_dict()}
+
+    _run("replay", config, set_, results_dir, body)
+
+
+@app.command()
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
     """data -> train -> evaluate -> register -> promote, in one MLflow run."""
 
