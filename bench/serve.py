@@ -289,6 +289,7 @@ def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
     hits, misses = after["hit"] - before["hit"], after["miss"] - before["miss"]
     serve.delete("bench")
     return {
+        "batch_wait": args.batch_wait,
         "warm": warm,
         "cold_load_ms": cold_ms,
         "zipf": {**cell("zipf-5-versions", 1, 8, zlat, zcodes, zwall), "hit_rate": hits / max(hits + misses, 1)},
@@ -296,7 +297,7 @@ def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
 
 
 def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict[str, Any]]:
-    """This project's app, deployed twice on a fresh head: batching off, then on; then the multiplexing run."""
+    """This project's app on a fresh head: batching off, then on at each wait; then the multiplexing run."""
     import ray
     from ray import serve
 
@@ -313,19 +314,20 @@ def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name, _, ref = args.model.partition("@")
-        for label, enabled in (("serve", False), ("serve+batch", True)):
+        variants = [("serve", False, 0.0)] + [(f"serve+batch {w * 1000:g}ms", True, w) for w in args.batch_waits]
+        for label, enabled, wait in variants:
             sargs = ServeArgs(
                 tracking_uri=args.tracking_uri,
                 model_name=name,
                 default_model=f"@{ref}" if ref else args.model,
-                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": args.batch_wait},
+                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait},
                 api_key_env=None,
             )
             serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
             wait_ready(f"http://127.0.0.1:{port}/ready")
             url = f"http://127.0.0.1:{port}/predict"
             rows += run_cells(label, url, items, args)
-            if enabled:
+            if enabled and wait == args.batch_wait:
                 best, sweep = max_rate(url, items, args.rates, args.open_seconds)
             serve.delete("bench")
         if not args.skip_multiplex:
@@ -353,7 +355,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def multiplex_table(mux: dict[str, Any], serve_rows: list[dict[str, Any]]) -> str:
-    batched = [r for r in serve_rows if r["server"] == "serve+batch" and r["items_per_request"] == 1]
+    label = f"serve+batch {mux['batch_wait'] * 1000:g}ms"
+    batched = [r for r in serve_rows if r["server"] == label and r["items_per_request"] == 1]
     single = min(batched, key=lambda r: abs(r["concurrency"] - 8))  # the multiplexed runs use concurrency 8
     runs = [("single-model deployment", single), ("multiplexed, warm version", mux["warm"])]
     runs.append(("Zipf over 5 versions, room for 2", mux["zipf"]))
@@ -380,7 +383,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="Most seconds per cell")
     p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 30, 40, 60, 80, 100, 130])
     p.add_argument("--open-seconds", type=float, default=8)
-    p.add_argument("--batch-wait", type=float, default=0.005)
+    p.add_argument("--batch-wait", type=float, default=0.02, help="serve_config.yaml's wait: open loop, multiplexing")
+    p.add_argument("--batch-waits", type=float, nargs="+", default=[0.005, 0.02], help="Closed-loop cells per wait")
     p.add_argument("--skip-multiplex", action="store_true")
     args = p.parse_args()
 

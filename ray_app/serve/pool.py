@@ -157,7 +157,7 @@ class ModelPool:
             return (await self._forward([request]))[0]
         return await self._predict_batch(request)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_items)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_items)
     async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self._forward(requests)
 
