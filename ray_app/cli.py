@@ -244,6 +244,9 @@ def replay(
     ),
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 4,
     api_key_env: Annotated[str, typer.Option(help="Env var holding the app's API key")] = "RAY_APP_API_KEY",
+    settle_s: Annotated[
+        float, typer.Option(help="Wait this long at the end: the app writes its log every flush_interval_s (5 s)")
+    ] = 6.0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     results_dir: ResultsOpt = Path("results"),
@@ -256,6 +259,7 @@ def replay(
 
         tracking = _connect(cfg, ray=False)
         result = send(cfg, url, labels_out, secret_from_env(api_key_env), concurrency)
+        time.sleep(settle_s)  # so a `ray-app monitor` right after sees every replayed row in the log
         typer.echo(f"replayed {result.sent} rows to {url}: statuses {result.statuses}, accuracy {result.accuracy}")
         return {"tracking_uri": tracking.uri, **result.to_dict()}
 
