@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ray_app.errors import AppError
 from ray_app.local import free_port
 from ray_app.serve.report import ROLLBACK, canary_report, read_log
 from ray_app.serve.settings import TrafficPolicy
@@ -308,6 +309,26 @@ def test_prediction_log_reads_back_with_ray_data(app):
     rows = ds.filter(lambda r: r["request_id"] == "raydata-1").take_all()
     assert rows and rows[0]["text"] == "logged row. for ray data" and rows[0]["status"] == 200
     assert {"model_version", "label", "confidence", "probabilities", "latency_ms", "route"} <= set(rows[0])
+
+
+def test_replay_sends_the_champions_test_rows_and_writes_their_labels(app, tmp_path):
+    from ray_app.replay import replay
+
+    result = replay(app["cfg"], app["base"], tmp_path / "labels.csv", KEY, concurrency=2)
+    assert result.version == app["v1"] and result.sent == 3 and result.statuses == {"200": 3}
+    labels = pd.read_csv(result.labels_file)
+    assert list(labels.columns) == ["request_id", "item", "label"] and len(labels) == 3
+    assert set(labels["label"]) == {"natural-language-processing", "computer-vision", "mlops"}  # the frozen rows
+    log_dir = str(app["conf"]["log_dir"])
+
+    def logged() -> bool:
+        frame = read_log(log_dir)
+        primary = frame[frame["request_id"].isin(labels["request_id"]) & (frame["route"] != "shadow")]
+        return len(primary) == 3 and set(primary["model_version"]) == {app["v1"]}
+
+    wait_until(logged, 30, "the replayed rows in the prediction log")
+    with pytest.raises(AppError, match=r"no request .* succeeded"):
+        replay(app["cfg"], app["base"], tmp_path / "bad.csv", "wrong-key")  # every request answered 401
 
 
 def test_canary_report_cli_prints_the_verdict_and_writes_results(app, tmp_path):
