@@ -140,7 +140,14 @@ def rule_exprs() -> list[tuple[str, str]]:
 
 
 # Series shaped like Ray's export of the app's metrics: `ray_` prefix, the app's tags, and Ray's own labels.
-RAY_LABELS = {"Component": "core_worker", "NodeAddress": "127.0.0.1", "SessionName": "session_test"}
+# (as scraped from Ray 2.60: note Ray's own `Version`, its release, beside the app's `version`, the model's)
+RAY_LABELS = {
+    "Component": "core_worker",
+    "NodeAddress": "192.0.2.2",
+    "SessionName": "session_2026-11-23_17-24-18_777217_25866",
+    "Version": "2.60.0",
+    "otel_scope_name": "ray._private.telemetry.open_telemetry_metric_recorder",
+}
 LATENCY_LE = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000]
 
 
@@ -193,7 +200,7 @@ class RayShapedSeries:
             put("model_cache_total", 1, result="miss", **pool)
             put("model_loads_total", 1, outcome="ok", **pool)
             put("int8_total", 1, outcome="used", **pool)
-            gauges = {"model": "clf", "version": version, "WorkerId": "w1"}
+            gauges = {"model": "clf", "version": version, "WorkerId": "4962"}
             put("feedback_accuracy", accuracy, **gauges)
             put("drift_share", drift, **gauges)
             put("drift_detected", float(drift > 0.2), **gauges)
