@@ -347,3 +347,42 @@ def test_canary_report_cli_prints_the_verdict_and_writes_results(app, tmp_path):
     assert "verdict: HOLD" in proc.stdout and "champion" in proc.stdout
     result = json.loads(next(tmp_path.glob("canary-report-*.json")).read_text())
     assert result["verdict"] == "hold" and result["champion"]["version"] == app["v1"]
+
+
+def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app, ray_cluster, tmp_path):
+    """The shipped monitoring/prometheus/prometheus.yml on a real Prometheus: the Ray node found through the
+    service-discovery file Ray writes, the app's series per version read back, and the SLA rules' p99 per version."""
+    from pathlib import Path
+
+    from tests.prom import RAY_SD_FILE, example_config, finite, need, running_prometheus
+
+    need("prometheus")
+    sd_file = Path(ray_cluster["temp_dir"]) / "session_latest" / RAY_SD_FILE
+    wait_until(sd_file.exists, 30, f"Ray's service-discovery file {sd_file}")
+    port = ray_cluster["metrics"].split("/")[2].rsplit(":", 1)[1]
+    name, versions = app["name"], (app["v1"], app["v2"])
+    with running_prometheus(example_config(sd_files=[str(sd_file)]), tmp_path / "prom") as prom:
+
+        def node_scraped() -> bool:
+            return any(
+                t["health"] == "up"
+                and t["labels"]["instance"].endswith(f":{port}")
+                and t["discoveredLabels"]["__meta_filepath"] == str(sd_file)
+                for t in prom.targets()
+            )
+
+        wait_until(node_scraped, 60, "the Ray node's metrics target, discovered through the file and up")
+
+        def p99_per_version() -> bool:  # traffic in every round: rate() needs an increase between two scrapes
+            for v in versions:
+                assert answer(app, {"title": "prometheus", "model": v}).status_code == 200
+            return finite(prom.values(f'model_version:ray_app_request_latency_ms:p99_5m{{model="{name}"}}'), *versions)
+
+        wait_until(p99_per_version, 120, "a recorded p99 for each version")
+        for v in versions:
+            series = prom.query(f'ray_app_requests_total{{model="{name}", version="{v}", status="200"}}')
+            assert series and float(series[0]["value"][1]) > 0
+        ratios = prom.values(f'model_version:ray_app_request_error_ratio:rate5m{{model="{name}"}}')
+        assert all(0 <= ratios[v] <= 1 for v in versions)
+        for rule in prom.rules():
+            assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
