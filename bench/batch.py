@@ -149,11 +149,9 @@ def measure(args, base: AppConfig, tracking_uri: str, model_id: str, work: Path)
     variants = [(bs, n) for bs in args.batch_sizes for n in args.actors]
 
     def cfg_for(bs: int, actors: int) -> AppConfig:
-        threads = max(1, cores // actors)
-        # Ray reserves less than a core per actor, so its read and write tasks always find a CPU; torch threads
-        # split the cores between actors.
+        threads = max(1, cores // actors)  # the actors split the cores, as Ray's CPU reservation says
         sets = [f"batch.batch_size={bs}", f"batch.concurrency={actors}", f"batch.torch_threads={threads}"]
-        return config(args, f"mlflow.tracking_uri={tracking_uri}", f"batch.num_cpus={1 / actors}", *sets)
+        return config(args, f"mlflow.tracking_uri={tracking_uri}", f"batch.num_cpus={threads}", *sets)
 
     plain_loop(base, uri, small, work / "warm.parquet", 32, cores)  # warm: imports, file cache, first download
     ray_batch(cfg_for(32, 1), model_id, small, work / "warm-out", tracking_uri)

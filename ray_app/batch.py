@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ray_app.config import AppConfig, BatchConfig
@@ -157,9 +158,13 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _nested(value: Any) -> bool:
+    return isinstance(value, (list, dict, tuple, np.ndarray))
+
+
 def _as_id(value: Any) -> str | None:
     """Ids as strings: a Parquet int column (float once pandas meets a null) reads back as '6', not '6.0'."""
-    if _missing(value):
+    if _nested(value) or _missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -179,7 +184,7 @@ def check_rows(batch: pd.DataFrame, id_column: str, text_columns: list[str], max
         details.append(detail)
     out = pd.DataFrame(index=batch.index)
     out[SOURCE] = batch["path"].astype(str) if "path" in batch.columns else None
-    out[id_column] = [_as_id(v) if not isinstance(v, (list, dict)) else None for v in batch[id_column]]
+    out[id_column] = [_as_id(v) for v in batch[id_column]]
     for column in text_columns:
         out[column] = [v if isinstance(v, str) else "" for v in batch[column]]
     out["text"] = join_text(out, text_columns)
@@ -189,7 +194,7 @@ def check_rows(batch: pd.DataFrame, id_column: str, text_columns: list[str], max
 
 
 def _row_problem(row_id: Any, texts: tuple, id_column: str, text_columns: list[str], max_chars: int) -> tuple[str, str]:
-    if isinstance(row_id, (list, dict)) or _as_id(row_id) is None:
+    if _as_id(row_id) is None:
         return "missing_id", f"{id_column} is empty or not a single value"
     for column, value in zip(text_columns, texts, strict=True):
         if not _missing(value) and not isinstance(value, str):
@@ -232,33 +237,20 @@ def _checked(batch: pd.DataFrame, id_column: str, text_columns: list[str], max_c
     return out
 
 
-class _MalformedLines:
-    """A tiny actor the CSV reader reports unparseable lines to, so they become error rows instead of a crash.
-
-    Keyed, because Ray may read a block twice (schema, then data)."""
-
-    def __init__(self) -> None:
-        self.lines: dict[tuple[int | None, str], None] = {}
-
-    def add(self, number: int | None, text: str) -> None:
-        self.lines[(number, text)] = None
-
-    def get(self) -> list[tuple[int | None, str]]:
-        return list(self.lines)
-
-
 def read_checked(files: list[str], fmt: str, cfg: AppConfig):
     """The input as a materialized Dataset of checked rows, plus the CSV lines that could not be parsed."""
     import pyarrow as pa
     import ray
     from pyarrow import csv as pacsv
 
+    from ray_app.data import _MalformedCounter
+
     data = cfg.data
     columns = [data.id_column, *data.text_columns]
-    malformed: list[tuple[int | None, str]] = []
+    malformed: list[str] = []
     counter = None
-    if fmt == "csv":
-        counter = ray.remote(num_cpus=0)(_MalformedLines).remote()
+    if fmt == "csv":  # as data.read_validated: unparseable lines are reported to a small actor, not a crash
+        counter = ray.remote(num_cpus=0)(_MalformedCounter).remote()
 
         def skip(row: Any) -> str:
             ray.get(counter.add.remote(row.number, str(row.text)[:_SNIPPET]))  # waited for: counted before we ask
@@ -421,9 +413,10 @@ def run_batch(
     # Local output was checked (and cleared with --overwrite) above; a remote one is left to Ray's save modes.
     mode = SaveMode.APPEND if "://" not in pred_dir else SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
     with _stage(f"batch inference with models:/{name}/{version}"):
-        predict(checked.filter(expr="reason == ''"), cfg, name, version, tracking_uri).write_parquet(
-            pred_dir, mode=mode
-        )
+        predicted_ds = predict(checked.filter(expr="reason == ''"), cfg, name, version, tracking_uri)
+        # Writes reserve no CPU: Ray Data cannot fuse them into the actors' stage, and an actor pool holding every
+        # CPU would otherwise leave them waiting forever.
+        predicted_ds.write_parquet(pred_dir, mode=mode, ray_remote_args={"num_cpus": 0})
     timings["predict_and_write"] = time.perf_counter() - mark
 
     bad = checked.filter(expr="reason != ''").to_pandas()
@@ -449,9 +442,15 @@ def run_batch(
 
 def predict(ds, cfg: AppConfig, name: str, version: str, tracking_uri: str):
     """`ds` (checked rows) -> a Dataset of predictions, by a pool of `batch.concurrency` model actors."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     b = cfg.batch
+    total = ray.cluster_resources().get("GPU" if b.num_gpus else "CPU", 0)
+    need = b.concurrency * (b.num_gpus or b.num_cpus)
+    if need > total:  # an autoscaling cluster may still grow; a fixed one would wait forever
+        kind = "GPUs" if b.num_gpus else "CPUs"
+        log.warning("batch: %d actors need %s %s; the cluster has %s now", b.concurrency, need, kind, total)
     settings = {
         "torch_threads": b.torch_threads,
         "num_cpus": b.num_cpus,
@@ -472,7 +471,7 @@ def predict(ds, cfg: AppConfig, name: str, version: str, tracking_uri: str):
     )
 
 
-def _errors_frame(bad: pd.DataFrame, malformed: list[tuple[int | None, str]], id_column: str) -> pd.DataFrame:
+def _errors_frame(bad: pd.DataFrame, malformed: list[str], id_column: str) -> pd.DataFrame:
     """Bad rows and unparseable lines as one table (an empty Dataset converts to a frame without columns)."""
     rows = bad.reindex(columns=[SOURCE, id_column, "reason", "detail", "text"]).rename(columns={id_column: "id"})
     rows["text"] = rows["text"].astype(str).str.slice(0, _SNIPPET)
@@ -481,8 +480,8 @@ def _errors_frame(bad: pd.DataFrame, malformed: list[tuple[int | None, str]], id
             SOURCE: [None] * len(malformed),
             "id": [None] * len(malformed),
             "reason": ["malformed_csv"] * len(malformed),
-            "detail": [f"line {n}" if n is not None else "unparseable CSV line" for n, _ in malformed],
-            "text": [t for _, t in malformed],
+            "detail": ["the line does not split into the header's columns"] * len(malformed),
+            "text": malformed,
         }
     )
     frames = [f for f in (rows, lines) if len(f)]
