@@ -303,9 +303,14 @@ class Predictor:
     """Ray Data callable class: the registered version loads once per actor, then predicts batch after batch."""
 
     def __init__(self, model_uri: str, tracking_uri: str, name: str, version: str, settings: dict[str, Any]) -> None:
+        import os
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per actor buries the log
         import mlflow
         import torch
+        import transformers
 
+        transformers.utils.logging.disable_progress_bar()
         threads = settings["torch_threads"] or max(1, int(settings["num_cpus"]))
         torch.set_num_threads(threads)
         mlflow.set_tracking_uri(tracking_uri)
