@@ -155,7 +155,19 @@ def _columns_of(path: str, fmt: str) -> list[str]:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _parquet_schema(first: str, columns: list[str], id_column: str):
+    """Only the needed columns, ids read as strings: files of one glob may store ids as int64 in one and string in
+    another, which Ray would refuse to merge. Text columns keep their type, so a non-text one is caught per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if "://" in first:
+        return None
+    found = pq.read_schema(first)
+    return pa.schema([pa.field(c, pa.string() if c == id_column else found.field(c).type) for c in columns])
 
 
 def _nested(value: Any) -> bool:
@@ -265,7 +277,7 @@ def read_checked(files: list[str], fmt: str, cfg: AppConfig):
             ),
         )
     elif fmt == "parquet":
-        ds = ray.data.read_parquet(files, columns=columns, include_paths=True)
+        ds = ray.data.read_parquet(files, schema=_parquet_schema(files[0], columns, data.id_column), include_paths=True)
     else:
         ds = ray.data.read_text(files, include_paths=True).map_batches(
             parse_json_lines, fn_kwargs={"columns": columns}, batch_format="pandas"
