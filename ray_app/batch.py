@@ -430,9 +430,10 @@ def run_batch(
     # Local output was checked (and cleared with --overwrite) above; a remote one is left to Ray's save modes.
     mode = SaveMode.APPEND if "://" not in pred_dir else SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
     with _stage(f"batch inference with models:/{name}/{version}"):
-        predicted_ds = predict(checked.filter(expr="reason == ''"), cfg, name, version, tracking_uri)
-        # Writes reserve no CPU: Ray Data cannot fuse them into the actors' stage, and an actor pool holding every
-        # CPU would otherwise leave them waiting forever.
+        # The filter and the write reserve no CPU: Ray Data fuses neither into the actors' stage, and with actors
+        # holding every CPU they would wait forever (seen: a 2-CPU actor on 2 CPUs hung before its first batch).
+        good = checked.filter(expr="reason == ''", num_cpus=0)
+        predicted_ds = predict(good, cfg, name, version, tracking_uri)
         predicted_ds.write_parquet(pred_dir, mode=mode, ray_remote_args={"num_cpus": 0})
     timings["predict_and_write"] = time.perf_counter() - mark
 
