@@ -297,6 +297,29 @@ def tune(
     _run("tune", config, [*(set_ or []), *(["tune.resume=true"] if resume else [])], results_dir, body)
 
 
+@app.command()
+def batch(
+    model: Annotated[str, typer.Option(help="NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS (as in serving)")],
+    input_: Annotated[str, typer.Option("--input", help="A CSV, Parquet or JSON Lines file, a directory, or a glob")],
+    output: Annotated[str, typer.Option(help="Directory for predictions/ (Parquet) and the errors file")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results already in --output")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Ray Data batch inference with a registered version; bad rows go to an errors file with their reason."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.batch import run_batch
+
+        tracking = _connect(cfg)
+        result = run_batch(cfg, model, input_, output, tracking.uri, overwrite=overwrite)
+        typer.echo(result.summary())
+        return {"tracking_uri": tracking.uri, **result.to_dict()}
+
+    _run("batch", config, set_, results_dir, body)
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(out: Annotated[Path, typer.Option(help="Directory to write the model to")]) -> None:
     """A tiny random BERT with the bundled tokenizer, for smoke runs and tests (configs/smoke.yaml)."""

@@ -284,6 +284,21 @@ class CanaryConfig(_Section):
     min_agreement: float = Field(0.9, ge=0, le=1, description="Shadow mode: challenger must agree this often.")
 
 
+class BatchConfig(_Section):
+    """`ray-app batch`: Ray Data batch inference over files. Sized for 2 CPUs; on a cluster raise `concurrency`
+    (actors, each holding one copy of the model) and set `num_gpus` per actor."""
+
+    concurrency: int = Field(1, ge=1, description="Model actors; each loads the model once.")
+    batch_size: int = Field(32, ge=1, description="Rows per batch handed to an actor, and per forward pass.")
+    num_cpus: float = Field(1, gt=0, description="CPUs Ray reserves per actor; one is left for reads and writes.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (a GPU cluster); > 0 runs the model on CUDA.")
+    torch_threads: int | None = Field(
+        2, ge=1, description="Torch threads per actor; null: num_cpus (Ray sets OMP_NUM_THREADS from it)."
+    )
+    max_text_chars: int = Field(2000, gt=0, description="Longest title or description a row may have (as serving).")
+    errors_format: Literal["parquet", "jsonl"] = Field("parquet", description="Format of the errors file.")
+
+
 class PipelineConfig(_Section):
     promote: bool = Field(True, description="Run the promotion gate after registering.")
     search: bool = Field(False, description="Train by hyperparameter search (the tune section) instead of one run.")
@@ -299,6 +314,7 @@ class AppConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")

@@ -144,7 +144,11 @@ def start_ray_head(
     # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
     # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
     own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **own, **(env or {})}, timeout=120)
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **own, **(env or {})}, timeout=120)
+    except subprocess.SubprocessError:  # a start that failed half-way (a busy machine) leaves a GCS and dashboard
+        stop_ray_head(temp_dir)
+        raise
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{dashboard}/api/version", 180)

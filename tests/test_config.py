@@ -41,7 +41,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones() -> None:
 def test_unknown_section_in_a_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  epochs: 3\n")
-    with pytest.raises(AppError, match=r"trainer: unknown key; allowed keys here: canary, data, evaluate"):
+    with pytest.raises(AppError, match=r"trainer: unknown key; allowed keys here: batch, canary, data, evaluate"):
         load_config(bad)
 
 
