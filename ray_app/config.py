@@ -48,6 +48,11 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1)
     max_rows: int | None = Field(None, gt=0, description="Use only the first N valid rows (smoke runs).")
     max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    feedback_uri: str | None = Field(
+        None,
+        description="Feedback store (`ray-app feedback` appends to it): its labelled rows join the training split; "
+        "null: none.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
