@@ -152,8 +152,10 @@ def load_reference(name: str, version: str) -> tuple[pd.DataFrame, str]:
         local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=path)
         return pd.read_parquet(local), path
     except (MlflowException, OSError) as exc:
-        raise AppError(f"the drift reference {path} of {name} version {version} (run {mv.run_id}) cannot be read: "
-                       f"{str(exc).splitlines()[0]}") from None  # fmt: skip
+        raise AppError(
+            f"the drift reference {path} of {name} version {version} (run {mv.run_id}) cannot be read: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
 
 
 def read_log(uri: str, where=None) -> pd.DataFrame:
@@ -174,7 +176,7 @@ def read_log(uri: str, where=None) -> pd.DataFrame:
         )
     try:
         ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"])
-        if where:
+        if where is not None:  # an Expr: its truth value is not a plain bool
             ds = ds.filter(expr=where)
         return ds.to_pandas()
     except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
@@ -193,11 +195,12 @@ def read_window(mcfg: MonitorConfig, name: str, version: str) -> Window:
 
     served = (col("model_name") == name) & (col("model_version") == version) & (col("status") == 200)
     frame = read_log(mcfg.log_uri, served & col("route").is_in(list(mcfg.routes)))
-    if mcfg.minutes is not None:
-        frame = frame[frame["timestamp"] >= pd.Timestamp(time.time() - mcfg.minutes * 60, unit="s", tz="UTC")]
-    frame = frame.sort_values("timestamp", kind="stable")
-    if mcfg.last_n is not None:
-        frame = frame.tail(mcfg.last_n)
+    if len(frame):  # an empty result may come back without columns
+        if mcfg.minutes is not None:
+            frame = frame[frame["timestamp"] >= pd.Timestamp(time.time() - mcfg.minutes * 60, unit="s", tz="UTC")]
+        frame = frame.sort_values("timestamp", kind="stable")
+        if mcfg.last_n is not None:
+            frame = frame.tail(mcfg.last_n)
     described = f"routes {mcfg.routes}, last_n={mcfg.last_n}, minutes={mcfg.minutes}"
     if len(frame) < mcfg.min_rows:
         raise AppError(
@@ -289,7 +292,12 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool,
     )
     method = embedding_method(mcfg.embedding_method, len(ref)) if text_stored else None
     metrics: list[Any] = [
-        DataDriftPreset(columns=columns, method=mcfg.column_method, threshold=mcfg.column_threshold, drift_share=0.5)
+        DataDriftPreset(
+            columns=columns,
+            method=mcfg.column_method,
+            threshold=mcfg.column_threshold,
+            drift_share=mcfg.drift_share,  # Evidently's test leaves the embedding set out; the share below counts it
+        )
     ]
     if method is not None:
         metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method))
@@ -297,8 +305,11 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool,
         snapshot = Report(metrics, include_tests=True).run(
             Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
         )
-    except ValueError as exc:  # e.g. an unknown monitor.column_method
-        raise AppError(f"the drift report failed: {exc}; check monitor.column_method / column_threshold") from None
+    except ValueError as exc:  # an unknown monitor.column_method, or too few rows for the embedding picture
+        raise AppError(
+            f"the drift report failed ({exc}) on {len(ref)} reference and {len(cur)} current rows; check "
+            "monitor.column_method / column_threshold, and give the window more rows (monitor.min_rows)"
+        ) from None
     results = _column_results(snapshot.dict())
     if method is not None:  # Evidently reports the embedding score but not its verdict: the same method gives both
         score, detected, name = method(cur[embeddings[EMBEDDING]].copy(), ref[embeddings[EMBEDDING]].copy())
@@ -378,9 +389,13 @@ def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame):
 class MonitorGauges:
     """Holds the latest check's numbers per model version as Ray metrics, exported as `ray_app_drift_share`,
     `ray_app_drift_detected` and `ray_app_feedback_accuracy` with tags model and version. Ray drops the metrics of a
-    process that exits, so they live in this detached actor instead of the short-lived check."""
+    process that exits, so they live in this detached actor instead of the short-lived check; and since Ray's metrics
+    agent forgets a gauge that is not re-reported within two report intervals, a thread re-sets them every few
+    seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, refresh_s: float = 5.0) -> None:
+        import threading
+
         from ray.util.metrics import Gauge
 
         keys = ("model", "version")
@@ -389,16 +404,29 @@ class MonitorGauges:
             "drift_detected": Gauge("app_drift_detected", "1 if the drift share is breached.", tag_keys=keys),
             "feedback_accuracy": Gauge("app_feedback_accuracy", "Accuracy on labelled feedback.", tag_keys=keys),
         }
-        self.values: dict[str, dict[str, float]] = {}
+        self.values: dict[tuple[str, str], dict[str, float]] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True).start()
 
     def set(self, model: str, version: str, values: dict[str, float]) -> None:
-        tags = {"model": model, "version": version}
-        for key, value in values.items():
-            self.gauges[key].set(float(value), tags=tags)
-        self.values.setdefault(f"{model}/{version}", {}).update(values)
+        with self.lock:
+            self.values.setdefault((model, version), {}).update({k: float(v) for k, v in values.items()})
+            self._export()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        return self.values
+        with self.lock:
+            return {f"{model}/{version}": dict(v) for (model, version), v in self.values.items()}
+
+    def _export(self) -> None:
+        for (model, version), values in self.values.items():
+            for key, value in values.items():
+                self.gauges[key].set(value, tags={"model": model, "version": version})
+
+    def _refresh(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            with self.lock:
+                self._export()
 
 
 def publish(name: str, version: str, values: dict[str, float]) -> None:
@@ -459,7 +487,7 @@ def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -
             runtime_env=runtime_env,
             metadata={"ray_app": "retrain", "model": name, "drifted_version": version},
         )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError
         raise AppError(
             f"the retrain job could not be submitted to the Ray cluster at {address or 'RAY_ADDRESS'}: "
             f"{str(exc).splitlines()[0]}; set monitor.retrain.dashboard_address or ray.address"

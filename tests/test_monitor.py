@@ -171,7 +171,7 @@ def test_traffic_like_the_reference_is_not_flagged_and_is_reported(monitored, ra
 
 
 @pytest.mark.slow
-def test_shorter_texts_are_flagged_on_the_length_columns_and_the_cli_exits_1(monitored, tmp_path) -> None:
+def test_shorter_texts_are_flagged_on_the_length_columns_and_the_cli_exits_1(monitored, ray_cluster, tmp_path) -> None:
     m = monitored
     short = m["pool"].assign(title=m["pool"]["title"].str.split().str[:2].str.join(" "), description="")
     write_log(tmp_path / "log", m, short)
@@ -192,6 +192,10 @@ def test_shorter_texts_are_flagged_on_the_length_columns_and_the_cli_exits_1(mon
     assert results["breach"] and results["retrain_job_id"] is None and results["window"]["last_n"] == 500
     run = mlflow.get_run(results["run_id"])
     assert run.data.tags["breach"] == "true" and run.data.metrics["drift_detected.text_words"] == 1.0
+    # The check's process has exited; its verdict is still exported, by the detached gauge actor.
+    name, version = cfg.registry.model_name, m["version"]
+    detected = lambda: series(ray_cluster["metrics"], "ray_app_drift_detected", name, version) == 1.0  # noqa: E731
+    wait_until(detected, 90, "ray_app_drift_detected == 1 after the check's process exited", interval=2)
 
 
 def _get(cfg, dotted: str):
