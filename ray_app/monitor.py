@@ -178,7 +178,10 @@ def read_log(uri: str, where=None) -> pd.DataFrame:
         ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"])
         if where is not None:  # an Expr: its truth value is not a plain bool
             ds = ds.filter(expr=where)
-        return ds.to_pandas()
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        # Not ds.to_pandas(): since Ray 2.56 it gives pd.ArrowDtype columns, whose `.values` are object arrays that
+        # Evidently's correlation step cannot average. Arrow's own conversion gives numpy dtypes.
+        return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
     except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
         raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None
 
@@ -281,7 +284,8 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool,
 
     numerical, categorical = compared_columns(text_stored)
     columns = numerical + categorical
-    ref, cur = reference[columns].copy(), current[columns].copy()
+    kinds = {**dict.fromkeys(numerical, "float64"), **dict.fromkeys(categorical, str)}
+    ref, cur = reference[columns].astype(kinds), current[columns].astype(kinds)
     embeddings: dict[str, list[str]] = {}
     if text_stored:
         ref_emb, cur_emb = _embedding_frame(reference), _embedding_frame(current)

@@ -242,10 +242,12 @@ def test_bad_input_gets_one_clear_error(monitored, tiny_model, tmp_path) -> None
 def feedback_added(monitored, tmp_path_factory):
     """Labelled feedback on logged traffic stored with `add_feedback`, as `ray-app feedback FILE` does."""
     from ray_app.feedback import add_feedback
+    from ray_app.text import join_text
 
     m, work = monitored, tmp_path_factory.mktemp("fb")
     test_row = m["splits"].test.head(1)  # served text that is also a test row: must never reach training
     fresh = m["pool"].head(12).assign(description=lambda f: f["description"] + " Seen in production.")
+    fresh["text"] = join_text(fresh, m["cfg"].data.text_columns)  # texts no bundled row has
     traffic = pd.concat([fresh, test_row], ignore_index=True)
     ids = write_log(work / "log", m, traffic)
     labels = pd.DataFrame({"request_id": [*ids, "never-served"], "label": [*traffic["label"], "mlops"]})
