@@ -181,7 +181,7 @@ def labelled_rows(cfg: AppConfig, path: Path):
 
     from ray_app.data import prepare
 
-    other = prepare(cfg.data.model_copy(update={"path": str(path), "max_rows": None}))
+    other = prepare(cfg.data.model_copy(update={"path": str(path), "max_rows": None, "feedback_uri": None}))
     return pd.concat([other.train, other.val, other.test], ignore_index=True)
 
 
@@ -264,6 +264,57 @@ def replay(
         return {"tracking_uri": tracking.uri, **result.to_dict()}
 
     _run("replay", config, set_, results_dir, body)
+
+
+@app.command()
+def monitor(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str, typer.Option(help="Version: NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS")] = "@champion",
+    labels: Annotated[Path | None, typer.Option(help="Labelled feedback (CSV/JSONL: request_id, item, label)")] = None,
+    last_n: Annotated[int | None, typer.Option(help="Window: the newest N served rows (monitor.last_n)")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Window: the last N minutes (monitor.minutes)")] = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Drift of served traffic against the version's reference (Evidently -> MLflow, Prometheus gauges), feedback
+    accuracy with --labels, and the breach policy (monitor.on_breach). Exits 1 on a breach, after the results JSON."""
+    outcome: dict[str, Any] = {}
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.monitor import check, format_summary
+
+        tracking = _connect(cfg)
+        outcome.update(check(cfg, tracking.uri, model, labels))
+        typer.echo(format_summary(outcome))
+        return outcome
+
+    window = [*([f"monitor.last_n={last_n}"] if last_n else []), *([f"monitor.minutes={minutes}"] if minutes else [])]
+    _run("monitor", config, [*(set_ or []), *window], results_dir, body)
+    if outcome.get("breach"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def feedback(
+    file: Annotated[Path, typer.Argument(help="Labels: CSV or JSONL with request_id, label and optional item")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+) -> None:
+    """Join labelled feedback to the prediction log, check it like training rows and append it to the feedback store
+    (data.feedback_uri) that later training runs add to the training split."""
+
+    def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.feedback import add_feedback
+        from ray_app.runtime import connect_ray
+
+        connect_ray(cfg)  # the prediction log is read with Ray Data
+        result = add_feedback(cfg, file)
+        typer.echo(f"feedback: {result['stored']} of {result['rows']} rows stored in {result['store']}; "
+                   f"not stored: {result['bad'] or 'none'}")  # fmt: skip
+        return result
+
+    _run("feedback", config, set_, results_dir, body)
 
 
 @app.command()

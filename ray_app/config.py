@@ -48,6 +48,11 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1)
     max_rows: int | None = Field(None, gt=0, description="Use only the first N valid rows (smoke runs).")
     max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    feedback_uri: str | None = Field(
+        None,
+        description="Feedback store (`ray-app feedback` appends to it): its labelled rows join the training split; "
+        "null: none.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
@@ -304,6 +309,48 @@ class PipelineConfig(_Section):
     search: bool = Field(False, description="Train by hyperparameter search (the tune section) instead of one run.")
 
 
+class RetrainConfig(_Section):
+    """`monitor.on_breach: retrain`: the training pipeline submitted as a Ray job, the way `make run` submits it."""
+
+    config: str = Field("configs/default.yaml", description="Pipeline config the job runs (a path in working_dir).")
+    working_dir: str | None = Field(
+        ".", description="Uploaded as the job's working_dir; null: none (config must then exist on the cluster)."
+    )
+    overrides: list[str] = Field(default_factory=list, description="Extra --set KEY=VALUE for the job.")
+    promote: bool = Field(
+        False, description="False: the new version stays challenger (canary it first); true: the gate may promote."
+    )
+    dashboard_address: str | None = Field(
+        None, description="Ray job API (http://HEAD:8265); null: the cluster of ray.address / RAY_ADDRESS."
+    )
+
+
+class MonitorConfig(_Section):
+    """`ray-app monitor`: drift of served traffic against the version's reference, feedback accuracy, the policy."""
+
+    log_uri: str = Field("~/ray_app/prediction_log", description="The prediction log (serve_config.yaml's uri).")
+    experiment: str = Field("monitoring", description="MLflow experiment with one run per check.")
+    last_n: int | None = Field(1000, ge=1, description="Window: the newest N served rows of the version; null: all.")
+    minutes: float | None = Field(None, gt=0, description="Window: only rows of the last N minutes; null: any age.")
+    min_rows: int = Field(30, ge=5, description="A smaller window is refused: drift tests on a handful mean nothing.")
+    routes: list[str] = Field(
+        default_factory=lambda: ["primary", "canary", "named"],
+        min_length=1,
+        description="Routes whose rows count (add 'shadow' to check a challenger running in shadow).",
+    )
+    drift_share: float = Field(0.2, ge=0, le=1, description="Breach when the share of drifted columns exceeds it.")
+    min_feedback_accuracy: float = Field(0.85, ge=0, le=1, description="Breach when feedback accuracy is below it.")
+    column_method: str | None = Field(None, description="Evidently stat test for every column; null: its default.")
+    column_threshold: float | None = Field(None, description="Threshold of that test; null: its default.")
+    embedding_method: Literal["model", "mmd", "distance", "ratio"] = Field(
+        "model", description="Evidently's drift method for the sentence embeddings (one embedding set)."
+    )
+    on_breach: Literal["report", "retrain"] = Field(
+        "report", description="report: mark the MLflow run and exit 1; retrain: also submit the pipeline as a Ray job."
+    )
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+
 class AppConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -316,6 +363,7 @@ class AppConfig(_Section):
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _space_fits_its_keys(self) -> AppConfig:

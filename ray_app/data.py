@@ -42,6 +42,8 @@ class DataReport:
     class_counts: dict[str, dict[str, int]]
     digest: str
     bad_examples: list[dict[str, Any]] = field(default_factory=list)
+    feedback_rows: int = 0  # rows from the feedback store added to the training split
+    feedback_bad: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +243,8 @@ def prepare(cfg: DataConfig) -> Splits:
     bad_fraction = sum(bad.values()) / max(rows_read, 1)
     columns = [cfg.id_column, *cfg.text_columns, "label", "text"]
     parts = {name: valid.loc[split[valid.index] == name, columns].reset_index(drop=True) for name in SPLITS}
+    feedback, feedback_bad = _feedback(cfg, parts)
+    parts["train"] = pd.concat([parts["train"], feedback], ignore_index=True) if len(feedback) else parts["train"]
     report = DataReport(
         path=cfg.path,
         rows_read=rows_read,
@@ -249,10 +253,14 @@ def prepare(cfg: DataConfig) -> Splits:
         bad_fraction=round(bad_fraction, 4),
         split_sizes={name: len(p) for name, p in parts.items()},
         class_counts={name: p["label"].value_counts().to_dict() for name, p in parts.items()},
-        digest=digest_of(valid, cfg.id_column),
+        digest=digest_of(pd.concat([valid[columns], feedback]) if len(feedback) else valid, cfg.id_column),
         bad_examples=_bad_examples(frame, malformed, cfg),
+        feedback_rows=len(feedback),
+        feedback_bad=feedback_bad,
     )
     log.info("data: %d rows read, %d valid, bad rows by reason: %s", rows_read, report.rows_valid, report.bad_rows)
+    if cfg.feedback_uri:
+        log.info("data: %d feedback rows added to training, dropped: %s", len(feedback), feedback_bad)
     if bad_fraction > cfg.max_bad_fraction:
         raise AppError(
             f"{bad_fraction:.1%} of the rows in {cfg.path} are bad ({report.bad_rows}), more than "
@@ -262,6 +270,15 @@ def prepare(cfg: DataConfig) -> Splits:
         if part.empty:
             raise AppError(f"the {name} split is empty ({report.split_sizes}); add rows or change data.split")
     return Splits(**parts, labels=list(cfg.labels), report=report)
+
+
+def _feedback(cfg: DataConfig, parts: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows of the feedback store for the training split (none without data.feedback_uri)."""
+    if not cfg.feedback_uri:
+        return pd.DataFrame(), {}
+    from ray_app.feedback import training_rows
+
+    return training_rows(cfg, parts)
 
 
 def _bad_examples(frame: pd.DataFrame, malformed: list[str], cfg: DataConfig, per_reason: int = 5) -> list[dict]:
@@ -333,6 +350,9 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
     metrics = {f"data.rows_{n}": v for n, v in splits.report.split_sizes.items()}
     metrics.update({f"data.bad_{r}": v for r, v in splits.report.bad_rows.items()})
     metrics.update({"data.rows_read": splits.report.rows_read, "data.bad_fraction": splits.report.bad_fraction})
+    if cfg.feedback_uri:
+        metrics["data.rows_feedback"] = splits.report.feedback_rows
+        metrics.update({f"data.feedback_bad_{r}": v for r, v in splits.report.feedback_bad.items()})
     mlflow.log_metrics(metrics)
     mlflow.log_dict(splits.report.to_dict(), "data/report.json")
     mlflow.set_tag("data_digest", splits.report.digest)

@@ -129,18 +129,10 @@ class TextClassifier:
         self.tokenizer.save_pretrained(directory)
         return directory
 
-    @torch.inference_mode()
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Class probabilities, shape (len(texts), n_labels).
-
-        Texts are sorted by length so each batch pads only to its own longest text (dynamic padding), then the
-        rows are put back in the caller's order.
-        """
-        if len(texts) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        lengths = [len(t) for t in texts]
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+    def _sorted_batches(self, texts: Sequence[str], batch_size: int):
+        """(row indices, encoded batch) with texts sorted by length, so each batch pads only to its own longest
+        text (dynamic padding); callers put the rows back in their own order with the indices."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
@@ -151,8 +143,26 @@ class TextClassifier:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(device)
+            yield idx, enc
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Class probabilities, shape (len(texts), n_labels), in the caller's order."""
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for idx, enc in self._sorted_batches(texts, batch_size):
             logits = self.model(**enc).logits
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings, shape (len(texts), hidden): the fine-tuned encoder's last hidden state, mean-pooled
+        over real tokens. Drift monitoring compares these, so they come from the very model that answered."""
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        for idx, enc in self._sorted_batches(texts, batch_size):
+            hidden = self.model.base_model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out[idx] = ((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu().numpy()
         return out
 
     def predict_frame(self, frame: pd.DataFrame, text_columns: Sequence[str], batch_size: int = 32) -> pd.DataFrame:

@@ -107,10 +107,14 @@ def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str, prefix: 
 def register_checkpoint(cfg: AppConfig, splits: Splits, checkpoint_path: str, run_id: str) -> Registered:
     from ray.train import Checkpoint
 
+    from ray_app.monitor import REFERENCE_TAG, log_reference
+
     with Checkpoint(checkpoint_path).as_directory() as ckpt:
         model_uri = log_model(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits.test)
+        # The drift reference travels with the version: its own answers on the val/test rows (`ray-app monitor`).
+        reference = log_reference(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits, model_uri)
     tags = {"data_digest": splits.report.digest, "git_commit": git_commit(), "config_hash": cfg.fingerprint()}
-    return register(cfg, model_uri, run_id, tags)
+    return register(cfg, model_uri, run_id, {**tags, REFERENCE_TAG: reference})
 
 
 def with_absolute_paths(cfg: AppConfig) -> AppConfig:

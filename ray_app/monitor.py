@@ -1,0 +1,610 @@
+"""`ray-app monitor`: has served traffic drifted away from what a model version was validated on?
+
+Every registered version carries a reference: its own predictions on the validation and test rows (never the training
+rows, where the model is over-confident, so fresh traffic would always look drifted), with the same descriptors the
+check computes on traffic. A check reads a window of the prediction log for that version with Ray Data, compares it
+with Evidently (text length in characters and words, the share of words the tokenizer has to cut into pieces, the
+predicted label, its confidence, and the encoder's sentence embeddings as one embedding set), logs the HTML and JSON
+report and the scores to MLflow, and publishes gauges per version that outlive the check. With labelled feedback it
+also measures accuracy. The policy in `monitor:` says what a breach does: report it, or also retrain.
+
+Evidently is imported inside the functions that use it: importing it takes seconds, and the registration path and the
+gauge actor import this module too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import ray
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ray_app.config import AppConfig, MonitorConfig
+from ray_app.errors import AppError
+from ray_app.feedback import filesystem
+from ray_app.serve.predlog import PREFIX as LOG_PREFIX
+from ray_app.text import join_text
+
+log = logging.getLogger("ray_app")
+REFERENCE_TAG = "monitoring.reference"
+REFERENCE_FILE = "reference.parquet"
+EMBEDDING = "embedding"
+GAUGES_ACTOR = "ray_app_monitor_gauges"
+NAMESPACE = "ray_app"
+_WORD = re.compile(r"\w+")
+
+
+# ---- descriptors: the same code for the reference and for traffic ----------------------------------------------------
+
+
+def wordpiece_share(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Per text, the share of its words that the tokenizer cannot keep whole (cut into several pieces, or unknown).
+
+    A rise means words the model never learned: new jargon, another language, garbled input. Computed here rather
+    than with Evidently's out-of-vocabulary descriptor, which downloads word lists at run time."""
+    words = [_WORD.findall(t) for t in texts]
+    out = np.zeros(len(texts), dtype=np.float32)
+    rows = [i for i, w in enumerate(words) if w]
+    if not rows:
+        return out
+    enc = tokenizer([words[i] for i in rows], is_split_into_words=True, add_special_tokens=False)
+    for j, i in enumerate(rows):
+        pieces: Counter[int] = Counter()
+        unknown = set()
+        for token, word in zip(enc["input_ids"][j], enc.word_ids(j), strict=True):
+            if word is not None:
+                pieces[word] += 1
+                if token == tokenizer.unk_token_id:
+                    unknown.add(word)
+        out[i] = sum(1 for w in range(len(words[i])) if pieces[w] > 1 or w in unknown) / len(words[i])
+    return out
+
+
+def describe(clf, texts: list[str]) -> pd.DataFrame:
+    """Length (as the prediction log counts it), word-piece share and the sentence embedding of each text."""
+    return pd.DataFrame(
+        {
+            "text_chars": [len(t) for t in texts],
+            "text_words": [len(t.split()) for t in texts],
+            "wordpiece_share": wordpiece_share(clf.tokenizer, texts),
+            EMBEDDING: list(clf.embed(texts)),
+        }
+    )
+
+
+def build_reference(clf, rows: pd.DataFrame, text_columns: Sequence[str], id_column: str) -> pd.DataFrame:
+    """The version's own answers on held-out rows (`split`, `label` columns), described as traffic will be."""
+    texts = join_text(rows, text_columns)  # what the Serve ingress builds from title and description
+    probs = clf.predict_proba(texts)
+    frame = pd.DataFrame(
+        {
+            "id": rows[id_column].astype(str).to_numpy(),
+            "split": rows["split"].to_numpy(),
+            "true_label": rows["label"].to_numpy(),
+            "text": texts,
+            "label": [clf.labels[i] for i in probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1),
+        }
+    )
+    return pd.concat([frame, describe(clf, texts)], axis=1)
+
+
+def log_reference(cfg: AppConfig, model_dir: str, splits, model_uri: str) -> str:
+    """Build the reference of a model being registered and log it into the active run, in a folder named after the
+    logged model so two versions from one run never share one; returns its artifact path (the version's tag)."""
+    from ray_app.model import TextClassifier
+
+    clf = TextClassifier.load(model_dir, cfg.data.max_length)
+    rows = pd.concat([splits.val.assign(split="val"), splits.test.assign(split="test")], ignore_index=True)
+    reference = build_reference(clf, rows, cfg.data.text_columns, cfg.data.id_column)
+    folder = f"monitoring/{model_uri.rstrip('/').rsplit('/', 1)[-1]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / REFERENCE_FILE
+        reference.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=folder)
+    return f"{folder}/{REFERENCE_FILE}"
+
+
+# ---- what is checked: a version, its reference and a window of its traffic -------------------------------------------
+
+
+def resolve_version(model_id: str, default_name: str) -> tuple[str, str]:
+    """`NAME/VERSION`, `NAME@ALIAS`, `VERSION` or `@ALIAS` (the serving grammar) -> (name, version)."""
+    from ray_app.serve.ids import BadModelId, parse_model_id
+
+    try:
+        ref = parse_model_id(model_id, default_name)
+    except BadModelId as exc:
+        raise AppError(str(exc)) from None
+    client = MlflowClient()
+    try:
+        if ref.alias is not None:
+            return ref.name, str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+        client.get_model_version(ref.name, ref.version)
+        return ref.name, ref.version
+    except MlflowException:
+        raise AppError(f"model {ref} is not in the registry; check --model and registry.model_name") from None
+
+
+def load_reference(name: str, version: str) -> tuple[pd.DataFrame, str]:
+    mv = MlflowClient().get_model_version(name, version)
+    path = mv.tags.get(REFERENCE_TAG)
+    if not path:
+        raise AppError(
+            f"model {name} version {version} has no drift reference (no '{REFERENCE_TAG}' tag): it was registered "
+            "before monitoring existed or without `ray-app register`/`pipeline`. Register its checkpoint again "
+            "(`ray-app register --checkpoint ... --run-id ...`) or retrain, and check the new version"
+        )
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=path)
+        return pd.read_parquet(local), path
+    except (MlflowException, OSError) as exc:
+        raise AppError(
+            f"the drift reference {path} of {name} version {version} (run {mv.run_id}) cannot be read: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
+def read_log(uri: str, where=None) -> pd.DataFrame:
+    """Finished files of the prediction log, read with Ray Data (a writer's temp files end in .tmp and are skipped);
+    `where` is a Ray Data predicate expression, applied with Arrow while reading."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        raise AppError(f"prediction log {uri} cannot be listed: {exc}") from None
+    if not any(i.base_name.startswith(LOG_PREFIX) and i.base_name.endswith(".parquet") for i in infos):
+        raise AppError(
+            f"prediction log {uri} has no prediction files (missing directory, or nothing served yet); point "
+            "monitor.log_uri at serve_config.yaml's prediction_log.uri and send traffic first"
+        )
+    try:
+        ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"])
+        if where is not None:  # an Expr: its truth value is not a plain bool
+            ds = ds.filter(expr=where)
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        # Not ds.to_pandas(): since Ray 2.56 it gives pd.ArrowDtype columns, whose `.values` are object arrays that
+        # Evidently's correlation step cannot average. Arrow's own conversion gives numpy dtypes.
+        return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
+    except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
+        raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
+@dataclass
+class Window:
+    rows: pd.DataFrame
+    info: dict[str, Any]
+
+
+def read_window(mcfg: MonitorConfig, name: str, version: str) -> Window:
+    """The newest served rows of one version: status 200, the configured routes, `minutes` and `last_n`."""
+    from ray.data.expressions import col
+
+    served = (col("model_name") == name) & (col("model_version") == version) & (col("status") == 200)
+    frame = read_log(mcfg.log_uri, served & col("route").is_in(list(mcfg.routes)))
+    if len(frame):  # an empty result may come back without columns
+        if mcfg.minutes is not None:
+            frame = frame[frame["timestamp"] >= pd.Timestamp(time.time() - mcfg.minutes * 60, unit="s", tz="UTC")]
+        frame = frame.sort_values("timestamp", kind="stable")
+        if mcfg.last_n is not None:
+            frame = frame.tail(mcfg.last_n)
+    described = f"routes {mcfg.routes}, last_n={mcfg.last_n}, minutes={mcfg.minutes}"
+    if len(frame) < mcfg.min_rows:
+        raise AppError(
+            f"the prediction log {mcfg.log_uri} has {len(frame)} served rows of {name} version {version} in the "
+            f"window ({described}); a check needs monitor.min_rows={mcfg.min_rows}. Widen the window (--last-n, "
+            "--minutes) or wait for traffic"
+        )
+    info = {
+        "rows": len(frame),
+        "start": frame["timestamp"].min().isoformat(),
+        "end": frame["timestamp"].max().isoformat(),
+        "last_n": mcfg.last_n,
+        "minutes": mcfg.minutes,
+        "routes": list(mcfg.routes),
+        "text_stored": bool(frame["text"].notna().all()),
+    }
+    return Window(frame.reset_index(drop=True), info)
+
+
+def current_frame(clf, window: Window) -> pd.DataFrame:
+    """The window with the reference's columns; the word-piece share and embeddings are computed now, by the same
+    version, and only when the log kept the text (`store_text: true`)."""
+    rows = window.rows
+    frame = rows[["text", "text_chars", "text_words", "label", "confidence"]].copy()
+    if window.info["text_stored"]:
+        described = describe(clf, list(rows["text"]))
+        frame["wordpiece_share"] = described["wordpiece_share"].to_numpy()
+        frame[EMBEDDING] = described[EMBEDDING].to_numpy()
+    return frame
+
+
+# ---- drift with Evidently --------------------------------------------------------------------------------------------
+
+
+def compared_columns(text_stored: bool) -> tuple[list[str], list[str]]:
+    """(numerical, categorical) columns; without stored text only the length descriptors and the answers remain."""
+    numerical = ["text_chars", "text_words", *(["wordpiece_share"] if text_stored else []), "confidence"]
+    return numerical, ["label"]
+
+
+def _embedding_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    matrix = np.vstack(frame[EMBEDDING].to_numpy()).astype(np.float32)
+    return pd.DataFrame(matrix, columns=[f"emb_{i:03d}" for i in range(matrix.shape[1])], index=frame.index)
+
+
+def embedding_method(name: str, reference_rows: int):
+    """Evidently's embedding drift methods; `model` (a classifier telling reference from current, judged against
+    random ROC AUCs on small data) is Evidently's own default."""
+    from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod, RatioDriftMethod
+
+    methods = {
+        "model": lambda: ModelDriftMethod(bootstrap=reference_rows < 1000),
+        "mmd": MMDDriftMethod,
+        "distance": lambda: DistanceDriftMethod(bootstrap=True),
+        "ratio": RatioDriftMethod,
+    }
+    return methods[name]()
+
+
+@dataclass
+class Drift:
+    snapshot: Any
+    columns: dict[str, dict[str, Any]]
+    share: float
+    detected: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        drifted = sorted(c for c, r in self.columns.items() if r["detected"])
+        return {"share": self.share, "detected": self.detected, "drifted_columns": drifted, "columns": self.columns}
+
+
+def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool, mcfg: MonitorConfig) -> Drift:
+    """One Evidently report: the data drift preset over the columns plus the embedding set's drift. The drift share
+    counts the embedding set as one column beside the others (6 columns with text, 4 without)."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.presets import DataDriftPreset
+
+    numerical, categorical = compared_columns(text_stored)
+    columns = numerical + categorical
+    kinds = {**dict.fromkeys(numerical, "float64"), **dict.fromkeys(categorical, str)}
+    ref, cur = reference[columns].astype(kinds), current[columns].astype(kinds)
+    embeddings: dict[str, list[str]] = {}
+    if text_stored:
+        ref_emb, cur_emb = _embedding_frame(reference), _embedding_frame(current)
+        ref, cur = pd.concat([ref, ref_emb], axis=1), pd.concat([cur, cur_emb], axis=1)
+        embeddings = {EMBEDDING: list(ref_emb.columns)}
+    definition = DataDefinition(
+        numerical_columns=numerical, categorical_columns=categorical, embeddings=embeddings or None
+    )
+    method = embedding_method(mcfg.embedding_method, len(ref)) if text_stored else None
+    metrics: list[Any] = [
+        DataDriftPreset(
+            columns=columns,
+            method=mcfg.column_method,
+            threshold=mcfg.column_threshold,
+            drift_share=mcfg.drift_share,  # Evidently's test leaves the embedding set out; the share below counts it
+        )
+    ]
+    if method is not None:
+        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method))
+    try:
+        snapshot = Report(metrics, include_tests=True).run(
+            Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
+        )
+    except ValueError as exc:  # an unknown monitor.column_method, or too few rows for the embedding picture
+        raise AppError(
+            f"the drift report failed ({exc}) on {len(ref)} reference and {len(cur)} current rows; check "
+            "monitor.column_method / column_threshold, and give the window more rows (monitor.min_rows)"
+        ) from None
+    results = _column_results(snapshot.dict())
+    if method is not None:  # Evidently reports the embedding score but not its verdict: the same method gives both
+        score, detected, name = method(cur[embeddings[EMBEDDING]].copy(), ref[embeddings[EMBEDDING]].copy())
+        results[EMBEDDING] = {"score": float(score), "detected": bool(detected), "method": name, "threshold": None}
+    share = sum(r["detected"] for r in results.values()) / len(results)
+    return Drift(snapshot, results, round(share, 4), share > mcfg.drift_share)
+
+
+def _column_results(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per column: Evidently's score, method, threshold and verdict (its per-column test fails on drift)."""
+    failed = {t["metric_config"]["metric_id"] for t in report["tests"] if t["id"] == "drift" and t["status"] == "FAIL"}
+    out = {}
+    for metric in report["metrics"]:
+        config = metric["config"]
+        if config.get("type") == "evidently:metric_v2:ValueDrift":
+            out[config["column"]] = {
+                "score": float(metric["value"]),
+                "detected": metric["id"] in failed,
+                "method": config.get("method"),
+                "threshold": config.get("threshold"),
+            }
+    return out
+
+
+# ---- labelled feedback -----------------------------------------------------------------------------------------------
+
+
+def feedback_quality(cfg: AppConfig, labels_path: Path, window: Window, reference: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy and F1 of the served answers on the labelled ones, with Evidently's classification report (the
+    reference's own held-out quality beside it)."""
+    from ray_app.data import map_label
+    from ray_app.evaluate import scores
+    from ray_app.feedback import join_labels, read_labels
+
+    joined = join_labels(read_labels(labels_path), window.rows)
+    joined["target"] = joined["label"].map(lambda raw: map_label(raw, cfg.data))
+    usable = joined[joined["matched"] & joined["target"].notna()]
+    if usable.empty:
+        raise AppError(
+            f"labels file {labels_path}: none of its {len(joined)} rows matches a served row of this version in the "
+            "window (joined on request_id and item); check the file, --model and the window"
+        )
+    quality = scores(list(usable["target"]), list(usable["predicted_label"]))
+    snapshot = _classification_report(usable, reference)
+    return {
+        "labels_file": str(labels_path),
+        "rows": len(joined),
+        "matched": len(usable),
+        "unmatched": int((~joined["matched"]).sum()),
+        "bad_label": int((joined["matched"] & joined["target"].isna()).sum()),
+        "accuracy": quality["accuracy"],
+        "f1_weighted": quality["f1_weighted"],
+        "f1_macro": quality["f1_macro"],
+        "_snapshot": snapshot,
+    }
+
+
+def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame):
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.presets import ClassificationPreset
+
+    definition = DataDefinition(
+        classification=[MulticlassClassification(target="target", prediction_labels="prediction")],
+        categorical_columns=["target", "prediction"],
+    )
+    cur = pd.DataFrame({"target": labelled["target"].to_numpy(), "prediction": labelled["predicted_label"].to_numpy()})
+    ref = pd.DataFrame({"target": reference["true_label"].to_numpy(), "prediction": reference["label"].to_numpy()})
+    return Report([ClassificationPreset()]).run(
+        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
+    )
+
+
+# ---- gauges that outlive the check -----------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class MonitorGauges:
+    """Holds the latest check's numbers per model version as Ray metrics, exported as `ray_app_drift_share`,
+    `ray_app_drift_detected` and `ray_app_feedback_accuracy` with tags model and version. Ray drops the metrics of a
+    process that exits, so they live in this detached actor instead of the short-lived check; and since Ray's metrics
+    agent forgets a gauge that is not re-reported within two report intervals, a thread re-sets them every few
+    seconds."""
+
+    def __init__(self, refresh_s: float = 5.0) -> None:
+        import threading
+
+        from ray.util.metrics import Gauge
+
+        keys = ("model", "version")
+        self.gauges = {
+            "drift_share": Gauge("app_drift_share", "Share of drifted columns in the last check.", tag_keys=keys),
+            "drift_detected": Gauge("app_drift_detected", "1 if the drift share is breached.", tag_keys=keys),
+            "feedback_accuracy": Gauge("app_feedback_accuracy", "Accuracy on labelled feedback.", tag_keys=keys),
+        }
+        self.values: dict[tuple[str, str], dict[str, float]] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True).start()
+
+    def set(self, model: str, version: str, values: dict[str, float]) -> None:
+        with self.lock:
+            self.values.setdefault((model, version), {}).update({k: float(v) for k, v in values.items()})
+            self._export()
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self.lock:
+            return {f"{model}/{version}": dict(v) for (model, version), v in self.values.items()}
+
+    def _export(self) -> None:
+        for (model, version), values in self.values.items():
+            for key, value in values.items():
+                self.gauges[key].set(value, tags={"model": model, "version": version})
+
+    def _refresh(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            with self.lock:
+                self._export()
+
+
+def publish(name: str, version: str, values: dict[str, float]) -> None:
+    """Values left out (feedback accuracy without labels) keep their last published number."""
+    actor = MonitorGauges.options(
+        name=GAUGES_ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+    ray.get(actor.set.remote(name, version, values), timeout=60)
+
+
+# ---- the policy ------------------------------------------------------------------------------------------------------
+
+
+def breaches(drift: Drift, feedback: dict[str, Any] | None, mcfg: MonitorConfig) -> list[str]:
+    reasons = []
+    if drift.detected:
+        reasons.append(f"drift share {drift.share:.3f} > monitor.drift_share {mcfg.drift_share}")
+    if feedback is not None and feedback["accuracy"] < mcfg.min_feedback_accuracy:
+        reasons.append(
+            f"feedback accuracy {feedback['accuracy']:.3f} < monitor.min_feedback_accuracy {mcfg.min_feedback_accuracy}"
+        )
+    return reasons
+
+
+def retrain_command(cfg: AppConfig, tracking_uri: str, name: str) -> list[str]:
+    """`ray-app pipeline` on `monitor.retrain.config`, pointed at this check's tracking server, experiment, model
+    name and feedback store, plus `monitor.retrain.overrides`."""
+    retrain = cfg.monitor.retrain
+    sets = [
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"mlflow.experiment={cfg.mlflow.experiment}",
+        f"registry.model_name={name}",
+        f"pipeline.promote={str(retrain.promote).lower()}",
+    ]
+    if cfg.data.feedback_uri:
+        uri = cfg.data.feedback_uri
+        sets.append(f"data.feedback_uri={uri if '://' in uri else Path(uri).expanduser().resolve()}")
+    sets += retrain.overrides
+    return ["ray-app", "pipeline", "--config", retrain.config, *[a for s in sets for a in ("--set", s)]]
+
+
+def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -> str:
+    """Submit the training pipeline as a Ray job (as `make run` does); its pipeline registers a new challenger."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_app.runtime import git_commit
+
+    retrain = cfg.monitor.retrain
+    address = retrain.dashboard_address or cfg.ray.address
+    runtime_env: dict[str, Any] = {"env_vars": {"RAY_APP_GIT_COMMIT": git_commit()}}
+    if retrain.working_dir:
+        runtime_env["working_dir"] = str(Path(retrain.working_dir).expanduser().resolve())
+    entrypoint = shlex.join(retrain_command(cfg, tracking_uri, name))
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            metadata={"ray_app": "retrain", "model": name, "drifted_version": version},
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError
+        raise AppError(
+            f"the retrain job could not be submitted to the Ray cluster at {address or 'RAY_ADDRESS'}: "
+            f"{str(exc).splitlines()[0]}; set monitor.retrain.dashboard_address or ray.address"
+        ) from None
+    log.warning("breach: submitted retrain job %s: %s", job_id, entrypoint)
+    return job_id
+
+
+# ---- one check -------------------------------------------------------------------------------------------------------
+
+
+def experiment_id(cfg: AppConfig) -> str:
+    name = cfg.monitor.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=cfg.mlflow.artifact_location)
+    except MlflowException:  # created by a concurrent check
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _metrics(drift: Drift, feedback: dict[str, Any] | None, window: Window) -> dict[str, float]:
+    metrics = {"drift_share": drift.share, "drift_detected": float(drift.detected), "window_rows": window.info["rows"]}
+    for column, result in drift.columns.items():
+        metrics[f"drift_score.{column}"] = result["score"]
+        metrics[f"drift_detected.{column}"] = float(result["detected"])
+    if feedback is not None:
+        metrics.update({f"feedback_{k}": feedback[k] for k in ("accuracy", "f1_weighted", "f1_macro", "matched")})
+    return metrics
+
+
+def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None = None) -> dict[str, Any]:
+    """One check of one version; returns the results JSON (`breach` says whether the policy was breached)."""
+    mcfg = cfg.monitor
+    name, version = resolve_version(model_id, cfg.registry.model_name)
+    reference, reference_path = load_reference(name, version)
+    window = read_window(mcfg, name, version)
+    clf = _classifier(name, version)
+    text_stored = window.info["text_stored"]
+    if not text_stored:
+        log.warning("the prediction log holds no text (store_text: false): comparing lengths, labels and confidence "
+                    "only; no word-piece share, no embeddings")  # fmt: skip
+    drift = run_drift(reference, current_frame(clf, window), text_stored, mcfg)
+    feedback = feedback_quality(cfg, labels, window, reference) if labels is not None else None
+    reasons = breaches(drift, feedback, mcfg)
+    tags = {
+        "model_name": name,
+        "model_version": version,
+        "window": f"{window.info['start']}..{window.info['end']}",
+        "window_rows": str(window.info["rows"]),
+        "window_last_n": str(mcfg.last_n),
+        "window_minutes": str(mcfg.minutes),
+        "text_stored": str(text_stored).lower(),
+        "breach": str(bool(reasons)).lower(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id(cfg), run_name=f"drift-{name}-v{version}", tags=tags) as run:
+        mlflow.log_metrics(_metrics(drift, feedback, window))
+        mlflow.log_text(drift.snapshot.get_html_str(as_iframe=False), "monitoring/drift_report.html")
+        mlflow.log_text(drift.snapshot.json(), "monitoring/drift_report.json")
+        if feedback is not None:
+            snapshot = feedback.pop("_snapshot")
+            mlflow.log_text(snapshot.get_html_str(as_iframe=False), "monitoring/feedback_report.html")
+            mlflow.log_text(snapshot.json(), "monitoring/feedback_report.json")
+        if reasons:
+            mlflow.set_tag("breach_reasons", "; ".join(reasons))
+        job_id = submit_retrain(cfg, tracking_uri, name, version) if reasons and mcfg.on_breach == "retrain" else None
+        if job_id:
+            mlflow.set_tag("retrain_job_id", job_id)
+        gauges = {"drift_share": drift.share, "drift_detected": float(drift.detected)}
+        if feedback is not None:
+            gauges["feedback_accuracy"] = feedback["accuracy"]
+        publish(name, version, gauges)
+        results = {
+            "tracking_uri": tracking_uri,
+            "experiment": mcfg.experiment,
+            "run_id": run.info.run_id,
+            "model": {"name": name, "version": version, "requested": model_id},
+            "reference": {"artifact": reference_path, "rows": len(reference)},
+            "log_uri": mcfg.log_uri,
+            "window": window.info,
+            "compared": [*drift.columns],
+            "drift": drift.to_dict(),
+            "feedback": feedback,
+            "breach": bool(reasons),
+            "breach_reasons": reasons,
+            "on_breach": mcfg.on_breach,
+            "retrain_job_id": job_id,
+            "gauges": {"actor": f"{NAMESPACE}/{GAUGES_ACTOR}", **gauges},
+        }
+        mlflow.log_dict(results, "monitoring/results.json")
+    return results
+
+
+def _classifier(name: str, version: str):
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier
+    except MlflowException as exc:
+        raise AppError(f"model {name} version {version} could not be loaded: {exc.message.splitlines()[0]}") from None
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    drift = results["drift"]
+    lines = [f"{results['model']['name']} version {results['model']['version']}: {results['window']['rows']} rows "
+             f"({results['window']['start']} .. {results['window']['end']})"]  # fmt: skip
+    for column, r in drift["columns"].items():
+        lines.append(f"  {column:16} score {r['score']:.4g}  {'DRIFT' if r['detected'] else 'ok'}  ({r['method']})")
+    lines.append(f"drift share {drift['share']:.3f}" + (" (breach)" if drift["detected"] else ""))
+    if results["feedback"]:
+        fb = results["feedback"]
+        lines.append(f"feedback: {fb['matched']} labelled rows, accuracy {fb['accuracy']:.3f}, "
+                     f"weighted F1 {fb['f1_weighted']:.3f}")  # fmt: skip
+    lines.append("BREACH: " + "; ".join(results["breach_reasons"]) if results["breach"] else "no breach")
+    if results["retrain_job_id"]:
+        lines.append(f"retrain job submitted: {results['retrain_job_id']}")
+    return "\n".join(lines)
