@@ -17,12 +17,13 @@ export RAY_AUTH_MODE ?= token
 SERVE_PORT ?= 8000
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
 	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
 	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
+	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
 	@echo "make stop   - stop the Ray head and MLflow server that make run started"
@@ -57,6 +58,7 @@ run: up
 	@echo "results JSON:   $$(ls -t results/pipeline-*.json | head -1)"
 	@$(MAKE) --no-print-directory serve
 	@$(MAKE) --no-print-directory replay
+	@$(MAKE) --no-print-directory monitor
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs)"
 	@echo "Metrics:        http://127.0.0.1:8080/metrics  (Prometheus scrape target; ray_app_* series)"
@@ -77,6 +79,15 @@ replay: up
 	@echo "== replaying the champion's test split through $(SERVE_URL) =="
 	$(BIN)/ray-app replay --url $(SERVE_URL) --labels-out results/replay-labels.csv \
 	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
+
+# Drift of the replayed traffic against the champion's own reference, and its accuracy on the replay's labels.
+# Exit 1 is a reported breach (the MLflow run is tagged and the results JSON says why): shown, not a failed `make`.
+monitor: up
+	@echo "== ray-app monitor: drift and feedback accuracy of the served champion =="
+	rc=0; $(BIN)/ray-app monitor --labels results/replay-labels.csv \
+	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) --set ray.address=127.0.0.1:$(RAY_PORT) || rc=$$?; \
+	  if [ $$rc -eq 1 ]; then echo "monitor: SLA breach reported (see above and the MLflow 'monitoring' run)"; fi; \
+	  test $$rc -le 1
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m ray_app.local down --state $(STATE) || echo "nothing to stop"
