@@ -92,8 +92,13 @@ def connect_ray(cfg: AppConfig) -> None:
         else:
             ray.init(num_cpus=cfg.ray.num_cpus, **logging_kwargs)
     except ConnectionError as exc:
+        hint = (
+            "; the head uses token authentication: export RAY_AUTH_MODE=token (the Makefile does) and retry"
+            if os.environ.get("RAY_AUTH_MODE") != "token"
+            else ""
+        )
         raise AppError(
-            f"cannot connect to Ray at {address!r} ({exc}); start a head with `make ray` "
+            f"cannot connect to Ray at {address!r} ({exc}){hint}; start a head with `make up` "
             "or set ray.address to a running cluster"
         ) from None
     ctx = DataContext.get_current()
