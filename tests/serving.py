@@ -38,7 +38,8 @@ def register_version(cfg: AppConfig, base_model: Path, seed: int, work: Path) ->
     TextClassifier(load_for_training(str(base_model), cfg.data.labels), load_tokenizer(str(base_model))).save(model_dir)
     test_rows = EXAMPLE.assign(id=["a", "b", "c"], label=["natural-language-processing", "computer-vision", "mlops"])
     with mlflow.start_run(run_name=f"serve-test-{seed}") as run:
-        split = work / f"test_split-{seed}.csv"
+        split = work / f"split-{seed}" / Path(TEST_SPLIT_ARTIFACT).name  # the name frozen_test_rows reads back
+        split.parent.mkdir(parents=True, exist_ok=True)
         test_rows.to_csv(split, index=False)
         mlflow.log_artifact(str(split), artifact_path=str(Path(TEST_SPLIT_ARTIFACT).parent))
         uri = log_model(cfg, str(model_dir), EXAMPLE)
