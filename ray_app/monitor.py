@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_app.config import AppConfig, MonitorConfig
+from ray_app.drift import EMBEDDING, Drift, run_drift
 from ray_app.errors import AppError
 from ray_app.feedback import filesystem
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
@@ -42,7 +43,6 @@ from ray_app.text import join_text
 log = logging.getLogger("ray_app")
 REFERENCE_TAG = "monitoring.reference"
 REFERENCE_FILE = "reference.parquet"
-EMBEDDING = "embedding"
 _WORD = re.compile(r"\w+")
 
 
@@ -232,109 +232,6 @@ def current_frame(clf, window: Window) -> pd.DataFrame:
         frame["wordpiece_share"] = described["wordpiece_share"].to_numpy()
         frame[EMBEDDING] = described[EMBEDDING].to_numpy()
     return frame
-
-
-# ---- drift with Evidently --------------------------------------------------------------------------------------------
-
-
-def compared_columns(text_stored: bool) -> tuple[list[str], list[str]]:
-    """(numerical, categorical) columns; without stored text only the length descriptors and the answers remain."""
-    numerical = ["text_chars", "text_words", *(["wordpiece_share"] if text_stored else []), "confidence"]
-    return numerical, ["label"]
-
-
-def _embedding_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    matrix = np.vstack(frame[EMBEDDING].to_numpy()).astype(np.float32)
-    return pd.DataFrame(matrix, columns=[f"emb_{i:03d}" for i in range(matrix.shape[1])], index=frame.index)
-
-
-def embedding_method(name: str, reference_rows: int):
-    """Evidently's embedding drift methods; `model` (a classifier telling reference from current, judged against
-    random ROC AUCs on small data) is Evidently's own default."""
-    from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod, RatioDriftMethod
-
-    methods = {
-        "model": lambda: ModelDriftMethod(bootstrap=reference_rows < 1000),
-        "mmd": MMDDriftMethod,
-        "distance": lambda: DistanceDriftMethod(bootstrap=True),
-        "ratio": RatioDriftMethod,
-    }
-    return methods[name]()
-
-
-@dataclass
-class Drift:
-    snapshot: Any
-    columns: dict[str, dict[str, Any]]
-    share: float
-    detected: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        drifted = sorted(c for c, r in self.columns.items() if r["detected"])
-        return {"share": self.share, "detected": self.detected, "drifted_columns": drifted, "columns": self.columns}
-
-
-def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool, mcfg: MonitorConfig) -> Drift:
-    """One Evidently report: the data drift preset over the columns plus the embedding set's drift. The drift share
-    counts the embedding set as one column beside the others (6 columns with text, 4 without)."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import EmbeddingsDrift
-    from evidently.presets import DataDriftPreset
-
-    numerical, categorical = compared_columns(text_stored)
-    columns = numerical + categorical
-    kinds = {**dict.fromkeys(numerical, "float64"), **dict.fromkeys(categorical, str)}
-    ref, cur = reference[columns].astype(kinds), current[columns].astype(kinds)
-    embeddings: dict[str, list[str]] = {}
-    if text_stored:
-        ref_emb, cur_emb = _embedding_frame(reference), _embedding_frame(current)
-        ref, cur = pd.concat([ref, ref_emb], axis=1), pd.concat([cur, cur_emb], axis=1)
-        embeddings = {EMBEDDING: list(ref_emb.columns)}
-    definition = DataDefinition(
-        numerical_columns=numerical, categorical_columns=categorical, embeddings=embeddings or None
-    )
-    method = embedding_method(mcfg.embedding_method, len(ref)) if text_stored else None
-    metrics: list[Any] = [
-        DataDriftPreset(
-            columns=columns,
-            method=mcfg.column_method,
-            threshold=mcfg.column_threshold,
-            drift_share=mcfg.drift_share,  # Evidently's test leaves the embedding set out; the share below counts it
-        )
-    ]
-    if method is not None:
-        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method))
-    try:
-        snapshot = Report(metrics, include_tests=True).run(
-            Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
-        )
-    except ValueError as exc:  # an unknown monitor.column_method, or too few rows for the embedding picture
-        raise AppError(
-            f"the drift report failed ({exc}) on {len(ref)} reference and {len(cur)} current rows; check "
-            "monitor.column_method / column_threshold, and give the window more rows (monitor.min_rows)"
-        ) from None
-    results = _column_results(snapshot.dict())
-    if method is not None:  # Evidently reports the embedding score but not its verdict: the same method gives both
-        score, detected, name = method(cur[embeddings[EMBEDDING]].copy(), ref[embeddings[EMBEDDING]].copy())
-        results[EMBEDDING] = {"score": float(score), "detected": bool(detected), "method": name, "threshold": None}
-    share = sum(r["detected"] for r in results.values()) / len(results)
-    return Drift(snapshot, results, round(share, 4), share > mcfg.drift_share)
-
-
-def _column_results(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per column: Evidently's score, method, threshold and verdict (its per-column test fails on drift)."""
-    failed = {t["metric_config"]["metric_id"] for t in report["tests"] if t["id"] == "drift" and t["status"] == "FAIL"}
-    out = {}
-    for metric in report["metrics"]:
-        config = metric["config"]
-        if config.get("type") == "evidently:metric_v2:ValueDrift":
-            out[config["column"]] = {
-                "score": float(metric["value"]),
-                "detected": metric["id"] in failed,
-                "method": config.get("method"),
-                "threshold": config.get("threshold"),
-            }
-    return out
 
 
 # ---- labelled feedback -----------------------------------------------------------------------------------------------
