@@ -379,9 +379,14 @@ def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app
             return finite(prom.values(f'model_version:ray_app_request_latency_ms:p99_5m{{model="{name}"}}'), *versions)
 
         wait_until(p99_per_version, 120, "a recorded p99 for each version")
-        for v in versions:
-            series = prom.query(f'ray_app_requests_total{{model="{name}", version="{v}", status="200"}}')
-            assert series and float(series[0]["value"][1]) > 0
+
+        def counted_per_version() -> bool:  # Ray exports counters and histograms on their own cadence
+            for v in versions:
+                assert answer(app, {"title": "prometheus", "model": v}).status_code == 200
+            counts = prom.values(f'max_over_time(ray_app_requests_total{{model="{name}", status="200"}}[5m])')
+            return all(counts.get(v, 0) > 0 for v in versions)
+
+        wait_until(counted_per_version, 60, "ray_app_requests_total with status 200 for each version")
         ratios = prom.values(f'model_version:ray_app_request_error_ratio:rate5m{{model="{name}"}}')
         assert all(0 <= ratios[v] <= 1 for v in versions)
         for rule in prom.rules():
