@@ -45,12 +45,13 @@ def make_input(cfg: AppConfig, rows: int, out: Path) -> Path:
 
 def plain_loop(cfg: AppConfig, model_uri: str, path: Path, out: Path, batch_size: int, threads: int) -> float:
     """What a user would write without Ray: load the version, read the file, predict chunk by chunk, write Parquet."""
-    import mlflow
     import torch
+
+    from ray_app.registry import load_classifier
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
-    clf = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().classifier
+    clf = load_classifier(model_uri)
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     parts = []
     for i in range(0, len(frame), batch_size):

@@ -326,7 +326,9 @@ class Predictor:
         threads = settings["torch_threads"] or max(1, int(settings["num_cpus"]))
         torch.set_num_threads(threads)
         mlflow.set_tracking_uri(tracking_uri)
-        self.classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().classifier
+        from ray_app.registry import load_classifier
+
+        self.classifier = load_classifier(model_uri)
         if settings["num_gpus"] > 0:
             self.classifier.model.to("cuda")
         self.id_column = settings["id_column"]

@@ -158,13 +158,14 @@ def evaluate(
         from ray_app.data import prepare
         from ray_app.evaluate import evaluate as run_eval
         from ray_app.evaluate import log_to_mlflow
+        from ray_app.registry import load_classifier
 
         tracking = _connect(cfg)
         uri = model or f"models:/{cfg.registry.model_name}@challenger"
         splits = prepare(cfg.data)  # the training split trains the baseline; its test split is the default rows
         rows = splits.test if data_file is None else labelled_rows(cfg, data_file)
         try:
-            clf = mlflow.pyfunc.load_model(uri).unwrap_python_model().classifier
+            clf = load_classifier(uri)
         except mlflow.exceptions.MlflowException as exc:
             raise AppError(f"model {uri} could not be loaded: {exc.message.splitlines()[0]}") from None
         with mlflow.start_run(run_name="evaluate", tags={"model_uri": uri}) as run:

@@ -37,6 +37,7 @@ from ray_app.drift import EMBEDDING, Drift, run_drift
 from ray_app.errors import AppError
 from ray_app.feedback import filesystem
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
+from ray_app.registry import load_classifier
 from ray_app.serve.predlog import PREFIX as LOG_PREFIX
 from ray_app.text import join_text
 
@@ -429,7 +430,7 @@ def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None 
 
 def _classifier(name: str, version: str):
     try:
-        return mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier
+        return load_classifier(f"models:/{name}/{version}")
     except MlflowException as exc:
         raise AppError(f"model {name} version {version} could not be loaded: {exc.message.splitlines()[0]}") from None
 

@@ -6,6 +6,8 @@ Aliases only (`challenger`, `champion`, `previous`); MLflow's stages are depreca
 from __future__ import annotations
 
 import logging
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -102,15 +104,36 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+def load_pyfunc(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """`mlflow.pyfunc.load_model` into a directory that is removed once the model is in memory.
+
+    Without `dst_path` MLflow downloads into a fresh temp dir per call and never removes it (~90 MB per load of
+    MiniLM), and prepends the model's code path to `sys.path` each time: a serving replica that loads and evicts
+    versions all day would fill the disk. The weights and tokenizer are in memory after loading, and `ray_app` is
+    imported from the installed package, so neither the files nor the path entry are needed afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix="ray-app-model-") as tmp:
+        try:
+            return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
+        finally:
+            sys.path[:] = [p for p in sys.path if not p.startswith(tmp)]
+
+
+def load_classifier(model_uri: str):
+    """The `TextClassifier` inside a registered version: the shared predict path without the pyfunc wrapper."""
+    return load_pyfunc(model_uri).unwrap_python_model().classifier
+
+
 def frozen_test_rows(client: MlflowClient, name: str, version: str) -> pd.DataFrame:
     """The test rows stored with a version's training run: every comparison uses these exact rows."""
     run_id = client.get_model_version(name, version).run_id
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT)
-    return pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    with tempfile.TemporaryDirectory(prefix="ray-app-rows-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp)
+        return pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
 
 
 def score_version(name: str, version: str, rows: pd.DataFrame, metric: str) -> float:
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    model = load_pyfunc(f"models:/{name}/{version}")
     predicted = model.predict(rows)
     return scores(list(rows["label"]), list(predicted["label"]))[metric]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -15,6 +14,7 @@ import pytest
 
 from ray_app.batch import check_rows, find_inputs, run_batch
 from ray_app.errors import AppError
+from ray_app.registry import load_classifier
 from tests.conftest import ROOT
 from tests.test_cli import assert_clean_error, ray_app
 
@@ -34,7 +34,7 @@ def model(smoke_run):
     """The smoke pipeline's version, and its classifier loaded the way a Serve replica loads it."""
     cfg, results = smoke_run
     name, version = cfg.registry.model_name, results["model"]["version"]
-    clf = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier
+    clf = load_classifier(f"models:/{name}/{version}")
     return cfg, name, version, clf
 
 

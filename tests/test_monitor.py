@@ -23,6 +23,7 @@ from ray_app.errors import AppError
 from ray_app.feedback import read_labels
 from ray_app.model import load_tokenizer
 from ray_app.monitor import read_log, wordpiece_share
+from ray_app.registry import load_classifier
 from tests.conftest import ROOT, smoke_config
 from tests.serving import register_version, wait_until
 
@@ -95,7 +96,7 @@ def write_log(directory: Path, m: dict, rows: pd.DataFrame, store_text: bool = T
     from ray_app.text import join_text
 
     name, version = m["cfg"].registry.model_name, m["version"]
-    clf = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().classifier
+    clf = load_classifier(f"models:/{name}/{version}")
     texts = join_text(rows, m["cfg"].data.text_columns)
     probs = clf.predict_proba(texts)
     now = int(time.time() * 1000)

@@ -77,3 +77,19 @@ def test_registered_model_loads_in_a_fresh_process(smoke_run) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
+
+
+def test_loading_a_version_leaves_no_files_and_no_path_entries(smoke_run, tmp_path, monkeypatch) -> None:
+    """A replica loads and evicts versions all day: each load must not leave its ~90 MB download or a sys.path entry."""
+    import tempfile
+
+    from ray_app.registry import load_classifier
+
+    cfg, _ = smoke_run
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path_before = list(sys.path)
+    for _ in range(2):
+        clf = load_classifier(f"models:/{cfg.registry.model_name}@champion")
+        assert clf.predict_proba(["YOLO for video"]).shape == (1, 4)
+    assert sys.path == path_before
+    assert list(tmp_path.iterdir()) == []

@@ -105,12 +105,11 @@ class ModelPool:
             log.warning("default model %s not loaded at start: %s", self.args.default_model, exc)
 
     async def _load(self, model_id: str) -> Loaded:
-        import mlflow
+        from ray_app.registry import load_classifier
 
         started = time.perf_counter()
         try:
-            pyfunc = await asyncio.to_thread(mlflow.pyfunc.load_model, f"models:/{model_id}")
-            classifier = pyfunc.unwrap_python_model().classifier
+            classifier = await asyncio.to_thread(load_classifier, f"models:/{model_id}")
             if self.args.int8:
                 classifier = await asyncio.to_thread(self._int8_if_safe, model_id, classifier)
             await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
