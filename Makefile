@@ -100,8 +100,9 @@ lint: venv
 	$(BIN)/ruff format --check ray_app tests bench
 
 lock: venv
-	$(BIN)/pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
-	echo "$(TORCH)" >> constraints.txt
+	{ $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; echo "$(TORCH)"; \
+	  grep -E '^(boto3|botocore|jmespath|psycopg2-binary|s3transfer)==' constraints.txt; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt  # the cluster extra's pins are kept: it is not installed here
 
 clean: stop
 	rm -rf $(VENV) results $(RUN_DIR) artifacts .pytest_cache .ruff_cache
