@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray start` with RAY_AUTH_MODE=token keeps it
 
 
 @dataclass
@@ -149,6 +150,8 @@ def start_ray_head(
     except subprocess.SubprocessError:  # a start that failed half-way (a busy machine) leaves a GCS and dashboard
         stop_ray_head(temp_dir)
         raise
+    if RAY_TOKEN_FILE.exists():
+        RAY_TOKEN_FILE.chmod(0o600)  # `ray start` may create it world-readable; it is the key to the whole cluster
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{dashboard}/api/version", 180)
@@ -248,9 +251,6 @@ def up(
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(asdict(services), indent=2))
-    token = Path.home() / ".ray" / "auth_token"
-    if token.exists():
-        token.chmod(0o600)  # Ray writes it world-readable
     return services
 
 

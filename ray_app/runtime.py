@@ -54,7 +54,7 @@ def _check_server(uri: str) -> None:
                 return
     except (urllib.error.URLError, OSError) as exc:
         raise AppError(
-            f"MLflow tracking server {uri} is not reachable ({exc}); start it with `make mlflow` "
+            f"MLflow tracking server {uri} is not reachable ({exc}); start it with `make up` "
             "or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a running server"
         ) from None
     raise AppError(f"MLflow tracking server {uri} answered /health with an error; check its log")
