@@ -90,6 +90,14 @@ def probabilities(labels: list[str], row) -> dict[str, float]:
     return {label: float(p) for label, p in zip(labels, row, strict=True)}
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def error_body(code: str, detail: Any) -> dict[str, Any]:
     return {"error": code, "detail": detail}
 
@@ -280,6 +288,11 @@ class Ingress:
                         "text_too_long",
                         f"items[{i}].{name} has {len(getattr(item, name))} characters; "
                         f"the limit is {self.args.max_text_chars}",
+                    )
+                if not _is_utf8(getattr(item, name)):
+                    # JSON's "\ud800" escape decodes to a lone surrogate: the tokenizer and the Parquet log reject it
+                    raise ApiError(
+                        422, "invalid_text", f"items[{i}].{name} is not valid Unicode text (it has a lone surrogate)"
                     )
             if not (item.title.strip() or item.description.strip()):
                 raise ApiError(422, "empty_text", f"items[{i}] has no text: title and description are both empty")
