@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -216,6 +217,8 @@ def main() -> None:
     p.add_argument("--tracking-uri", default=None, help="Serve this registry's --model; default: own MLflow + tiny")
     p.add_argument("--model", default="projects-classifier@champion", help="NAME@ALIAS with --tracking-uri")
     args = parse(p)
+    if args.address:
+        p.error("soak starts its own Ray head (its replicas' memory is read on this host); --address is not used")
 
     import ray
     from ray import serve
@@ -261,6 +264,8 @@ def main() -> None:
         stop_ray_head(temp, pids)
         if mlflow_pid is not None:
             stop_mlflow(mlflow_pid, work / "mlflow")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
     first, last = result["thirds"][0], result["thirds"][2]
     rows: list[Row] = [
         {"metric": "p50 ms", "first third": first["p50_ms"], "last third": last["p50_ms"]},
