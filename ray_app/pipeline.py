@@ -25,7 +25,7 @@ from ray_app.evaluate import log_to_mlflow as log_eval
 from ray_app.model import TextClassifier, resolve_model_path
 from ray_app.registry import GateDecision, Registered, aliases, log_model, promote, register
 from ray_app.runtime import Tracking, git_commit
-from ray_app.train import MODEL_SUBDIR, TrainResult, train
+from ray_app.train import MODEL_SUBDIR, TrainResult, backfill_epoch_metrics, train
 
 log = logging.getLogger("ray_app")
 RESUME_TAG = "ray_app.resume_key"
@@ -90,6 +90,7 @@ def training_run(cfg: AppConfig, tracking: Tracking, splits: Splits, stage: str)
 
 def run_training(cfg: AppConfig, tracking: Tracking, splits: Splits, run_id: str, name: str) -> TrainResult:
     result = train(cfg, splits, name, tracking.uri, run_id)
+    backfill_epoch_metrics(tracking.uri, run_id, result.history)
     if result.history:
         mlflow.log_figure(plot_learning_curves(result.history), "training/learning_curves.png")
     mlflow.log_dict(result.to_dict(), "training/result.json")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -138,27 +140,118 @@ def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, st
     model.save_pretrained(directory / MODEL_SUBDIR)
     tokenizer.save_pretrained(directory / MODEL_SUBDIR)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, directory / STATE_FILE
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            # dropout's random stream where this epoch left it: a resumed run continues exactly as an uninterrupted one
+            "torch_rng": torch.get_rng_state(),
+            **state,
+        },
+        directory / STATE_FILE,
     )
     (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
 
 
 class _MlflowEpochLogger:
-    """Rank 0 logs into the run the driver opened; a worker on another node only needs the URI and run id."""
+    """Rank 0 logs into the run the driver opened; a worker on another node only needs the URI and run id.
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+    Batches go out from a background thread, in order. A batch the tracking server cannot take (it is down or
+    restarting) stays at the head of the queue and is tried again every `retry_s` until it lands, so an outage
+    neither stalls nor fails training and no epoch is dropped. `close` waits for the queue at the end of the loop,
+    at most `flush_timeout_s`; what is still queued then is logged by the driver from the checkpoint's history
+    (`backfill_epoch_metrics`).
+    """
+
+    def __init__(
+        self, tracking_uri: str | None, run_id: str | None, retry_s: float = 2.0, flush_timeout_s: float = 60.0
+    ) -> None:
+        import os
+
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri) if tracking_uri and run_id else None
         self.run_id = run_id
+        self.retry_s, self.flush_timeout_s = retry_s, flush_timeout_s
+        self.failed_attempts = 0
+        self._queue: collections.deque[list[Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        # This process is a Train worker and the thread below is its retry policy: MLflow's own retries (7, with
+        # exponential backoff up to minutes) would only delay the first attempt after the server is back.
+        os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "1")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        now = int(time.time() * 1000)  # the epoch's own time, whenever the batch reaches the server
+        with self._cond:
+            self._queue.append([Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self._cond.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._send_forever, name="mlflow-epoch-logger", daemon=True)
+            self._thread.start()
+
+    def _send_forever(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue))
+                batch = self._queue[0]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except MlflowException as exc:
+                code = exc.get_http_status_code()
+                if 400 <= code < 500 and code != 429:  # refused for its content: retrying cannot help
+                    log.error("MLflow refused epoch metrics %s: %s", [m.key for m in batch], exc)
+                else:
+                    self._failed(exc)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - connection errors of any kind: the server is away
+                self._failed(exc)
+                continue
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+    def _failed(self, exc: Exception) -> None:
+        if self.failed_attempts == 0 or self.failed_attempts % 30 == 0:
+            log.warning("MLflow unreachable; %d metric batches held for retry (%s)", len(self._queue), exc)
+        self.failed_attempts += 1
+        time.sleep(self.retry_s)
+
+    def close(self) -> int:
+        """Wait until every batch landed, at most `flush_timeout_s`; returns how many did not."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._queue, self.flush_timeout_s)
+            left = len(self._queue)
+        if left:
+            log.warning("%d metric batches not logged after %.0f s; the driver logs them", left, self.flush_timeout_s)
+        elif self.failed_attempts:
+            log.warning("every epoch's metrics reached MLflow after %d failed attempts", self.failed_attempts)
+        return left
+
+
+def backfill_epoch_metrics(tracking_uri: str | None, run_id: str | None, history: list[dict[str, float]]) -> int:
+    """Epochs whose metrics never reached MLflow (it was still down when training ended) are logged from the
+    checkpoint's history; this call runs with MLflow's own retries. Returns how many epochs were missing."""
+    if not (tracking_uri and run_id and history):
+        return 0
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+    missing = [h for h in history if int(h["epoch"]) not in logged]
+    now = int(time.time() * 1000)
+    for h in missing:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(h["epoch"])) for k, v in h.items()])
+    if missing:
+        log.warning("logged the metrics of epochs %s from the checkpoint", [int(h["epoch"]) for h in missing])
+    return len(missing)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -215,6 +308,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         # A finished run started again (Tune restoring a trial that ended after its last experiment snapshot):
         # report its last epoch once more, so the caller still gets its metrics and a checkpoint.
         ray.train.report(state["history"][-1], checkpoint=checkpoint if rank == 0 else None)
+    if saved is not None and "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"])
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
@@ -262,9 +357,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
         if cfg.fail_after_epoch == epoch and resumed_from == 0:
+            if logger:
+                logger.close()  # the drill is a crash after a complete epoch, its metrics sent
             raise RuntimeError(f"failure drill: worker {rank} fails after checkpointing epoch {epoch}")
         if _agree_to_stop(stop, world, device):
             break
+    if logger:
+        logger.close()
 
 
 def _progress(iterable, rank: int, total: int, desc: str):

@@ -67,7 +67,8 @@ def deploy_config(
     if traffic is not None:
         ingress["user_config"]["traffic"].update(traffic)
     pool.pop("autoscaling_config")
-    pool.update(num_replicas=1, max_ongoing_requests=8, max_queued_requests=8)
+    # a queue of a few seconds at the soak's rate: a CPU stall on a shared machine must not turn into 503s there
+    pool.update(num_replicas=1, max_ongoing_requests=8, max_queued_requests=32)
     path.write_text(yaml.safe_dump(conf, sort_keys=False))
     return path
 

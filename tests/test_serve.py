@@ -148,7 +148,7 @@ def test_mixed_versions_concurrent_each_answered_by_its_version(app):
     }
 
     async def run():
-        room = asyncio.Semaphore(6)  # well within the test pool's 8 ongoing + 8 queued: no 503s, still batches
+        room = asyncio.Semaphore(6)  # well within the test pool's 8 ongoing + 32 queued: no 503s, still batches
 
         async def one(c: httpx.AsyncClient, i: int, text: str) -> httpx.Response:
             async with room:
@@ -228,6 +228,15 @@ def test_api_key_and_body_size(app):
     assert (wrong.status_code, wrong.json()["error"]) == (401, "unauthorized")
     big = app["http"].post("/predict", content=b'{"title": "' + b"x" * 1_100_000 + b'"}')
     assert (big.status_code, big.json()["error"]) == (413, "request_too_large")
+
+
+def test_text_that_is_not_unicode_is_422_not_a_crash(app):
+    """JSON's escape for a lone surrogate is valid JSON but not text: the tokenizer and the Parquet log both fail on
+    it, so it is refused up front (it was a 500 and cost the prediction log a whole batch of rows)."""
+    body = b'{"title": "ok", "description": "a\\ud800"}'
+    r = app["http"].post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_text"), r.text
+    assert "items[0].description" in r.json()["detail"]
 
 
 def test_version_that_fails_to_load_is_503_and_others_still_serve(app):
@@ -391,3 +400,152 @@ def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app
         assert all(0 <= ratios[v] <= 1 for v in versions)
         for rule in prom.rules():
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+
+# ---- failure drills (issue 7): the fuzz and the soak first, the replica kill last, so no other test sees it --------
+
+
+def _error_body_is_json(ctx, response, case) -> None:
+    """A schemathesis check: every 4xx/5xx answer has this app's JSON error body, {"error": CODE, "detail": ...}."""
+    if response.status_code < 400:
+        return
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        raise AssertionError(f"{response.status_code} with a non-JSON body: {response.content[:200]!r}") from None
+    assert isinstance(body, dict) and {"error", "detail"} <= set(body), f"{response.status_code} body {body!r}"
+
+
+def test_drill_fuzz_the_http_api_from_its_openapi_document(app):
+    """schemathesis generates valid and invalid requests for every operation in /openapi.json (fetched over HTTP
+    with the API key, as a client would): no 5xx, and every error a JSON body."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    headers = {"X-API-Key": KEY}
+    schema = schemathesis.openapi.from_url(f"{app['base']}/openapi.json", headers=headers, timeout=30)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /predict", "GET /models", "GET /ready", "GET /health"}
+    calls: Counter = Counter()
+    for op in operations:
+        has_input = bool(list(op.iter_parameters()) or list(op.body))  # GET /health etc. take nothing to fuzz
+        modes = list(schemathesis.GenerationMode) if has_input else [schemathesis.GenerationMode.POSITIVE]
+        for mode in modes:
+
+            @settings(
+                max_examples=60 if has_input else 2,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=op.as_strategy(generation_mode=mode))
+            def fuzz(case) -> None:
+                response = case.call(base_url=app["base"], headers=headers, timeout=60)
+                calls[(case.operation.label, case.meta.generation.mode.value, response.status_code)] += 1
+                case.validate_response(response, checks=[not_a_server_error, _error_body_is_json], headers=headers)
+
+            fuzz()
+    print(f"DRILL fuzz: {sum(calls.values())} requests, by (operation, mode, status): {dict(sorted(calls.items()))}")
+    assert not [k for k in calls if k[2] >= 500]
+
+
+def test_drill_soak_at_80_percent_of_capacity(app):
+    """60 s open-loop at 80 % of the capacity a closed-loop burst measured just before: zero 5xx, replica RSS grows
+    by at most 10 %, and p99 of the last third stays within 2x the first third's (bench/soak.py runs 5 minutes)."""
+    from bench.soak import run_soak
+
+    result = run_soak(app["base"], {"X-API-Key": KEY}, "classifier", app["dashboard"], seconds=60, share=0.8, conc=8)
+    first, last = result["thirds"][0], result["thirds"][2]
+    print(
+        f"DRILL soak: capacity={result['capacity_req_s']:.1f} req/s rate={result['rate']:.1f} req/s "
+        f"requests={result['requests']} statuses={result['statuses']} "
+        f"p99 first/last third={first['p99_ms']:.0f}/{last['p99_ms']:.0f} ms (x{result['p99_ratio']:.2f}) "
+        f"rss={ {k: (round(v['start_mb']), round(v['end_mb'])) for k, v in result['rss'].items()} } MB "
+        f"max growth={result['max_rss_growth']:+.1%}"
+    )
+    assert result["server_errors"] == 0, result["statuses"]
+    assert result["max_rss_growth"] <= 0.10, result["rss"]
+    assert result["p99_ratio"] <= 2.0, result["thirds"]
+
+
+def test_drill_killing_the_pool_replica_loses_only_its_in_flight_requests(app):
+    """SIGKILL the model-pool replica (the process that runs the model) while 4 clients send requests: Serve starts a
+    new one; only requests already in flight may fail (the ingress retries those once, so none should), and serving
+    is back within 30 s (the goal; asserted at 60 s so a loaded CI machine does not fail it)."""
+    import os
+    import signal
+    import time
+
+    from ray import serve
+
+    from bench.soak import replica_pids
+
+    def pool_pids() -> dict[str, int]:
+        return {k: v for k, v in replica_pids("classifier", app["dashboard"]).items() if k.startswith("ModelPool:")}
+
+    before = pool_pids()
+    assert len(before) == 1, before
+    ((victim_name, victim),) = before.items()
+    records: list[tuple[float, float, int, str]] = []  # sent, done, status, body of a failure
+    outstanding: set[int] = set()
+    marks: dict[str, float] = {}
+
+    async def drill() -> None:
+        stop = asyncio.Event()
+
+        async def client(c: httpx.AsyncClient, n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                key, i = n * 1_000_000 + i, i + 1
+                outstanding.add(key)
+                sent = time.monotonic()
+                try:
+                    r = await c.post("/predict", json={"title": f"kill drill {key}", "description": "under load"})
+                    status, body = r.status_code, "" if r.status_code == 200 else r.text[:200]
+                except httpx.HTTPError as exc:
+                    status, body = 599, repr(exc)
+                outstanding.discard(key)
+                records.append((sent, time.monotonic(), status, body))
+
+        async def killer() -> None:
+            await asyncio.sleep(3)
+            marks["in_flight"] = len(outstanding)
+            marks["kill"] = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            deadline = marks["kill"] + 120
+            while time.monotonic() < deadline:  # a new replica with another pid, RUNNING, and the deployment HEALTHY
+                now = await asyncio.to_thread(pool_pids)
+                pool = await asyncio.to_thread(lambda: serve.status().applications["classifier"].deployments)
+                pool = pool["ModelPool"]
+                if (
+                    now
+                    and victim not in now.values()
+                    and pool.status == "HEALTHY"
+                    and pool.replica_states == {"RUNNING": 1}
+                ):
+                    marks["replica_back"] = time.monotonic()
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # and traffic flows on the new replica
+            stop.set()
+
+        async with httpx.AsyncClient(base_url=app["base"], headers={"X-API-Key": KEY}, timeout=120) as c:
+            await asyncio.gather(killer(), *[client(c, n) for n in range(4)])
+
+    asyncio.run(drill())
+    kill = marks["kill"]
+    failed = [r for r in records if r[2] != 200]
+    first_ok_after = min((done for sent, done, status, _ in records if status == 200 and sent > kill), default=None)
+    recover_s = (first_ok_after - kill) if first_ok_after else float("inf")
+    back_s = marks.get("replica_back", float("inf")) - kill
+    print(
+        f"DRILL replica-kill: killed {victim_name} pid {victim}; requests={len(records)} "
+        f"in_flight_at_kill={marks['in_flight']} failed={len(failed)} {Counter(r[2] for r in failed)} "
+        f"first_success_after_kill_s={recover_s:.1f} replica_back_s={back_s:.1f} "
+        f"failures={[r[3] for r in failed][:3]}"
+    )
+    assert len(failed) <= marks["in_flight"], failed
+    # the goal is 30 s; a loaded 2-core machine has measured 29 s (a new process, imports, the model's load)
+    assert max(recover_s, back_s) <= 60
+    wait_until(lambda: ready(app["http"]), 120, "/ready after the drill")

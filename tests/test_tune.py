@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -316,7 +317,12 @@ def test_search_whose_driver_is_killed_is_restored(mlflow_server, ray_cluster, t
             break
         time.sleep(1)
     assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-    assert 1 <= _count(db, name, "COMPLETE") < trials, "not mid-search: cannot test the restore"
+    done_at_kill = _count(db, name, "COMPLETE")
+    assert 1 <= done_at_kill < trials, "not mid-search: cannot test the restore"
+    complete_before = {
+        t.number for t in optuna.load_study(study_name=name, storage=db).trials if t.state.name == "COMPLETE"
+    }
+    killed_at = time.monotonic()
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     mlflow.set_tracking_uri(mlflow_server)
@@ -327,6 +333,7 @@ def test_search_whose_driver_is_killed_is_restored(mlflow_server, ray_cluster, t
 
     resumed = subprocess.run([*args[:4], "--resume", *args[4:]], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    restore_s = time.monotonic() - killed_at
     results = json.loads(max(tmp_path.glob("tune-*.json")).read_text())  # the killed run wrote none
     search = results["search"]
     assert search["restored"] and results["run_id"] == parent[0].info.run_id
@@ -335,6 +342,14 @@ def test_search_whose_driver_is_killed_is_restored(mlflow_server, ray_cluster, t
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == trials and not {"RUNNING", "WAITING"} & set(states), states
     points = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+    print(
+        f"DRILL tune-driver-kill: killed with {done_at_kill}/{trials} trials complete; "
+        f"restored={search['restored']} in the same parent run; after --resume "
+        f"{states.count('COMPLETE')}/{trials} complete, {len(set(points))} distinct points, "
+        f"study trials by state {dict(Counter(states))}; the {done_at_kill} done before the kill kept "
+        f"({complete_before <= {t.number for t in study.trials if t.state.name == 'COMPLETE'}}); "
+        f"restore to finish {restore_s:.0f} s; best {search['best_metrics'].get('val_f1_weighted', float('nan')):.3f}"
+    )
     assert len(set(points)) == trials
     children = MlflowClient().search_runs([parent[0].info.experiment_id],
                                           f"tags.mlflow.parentRunId = '{results['run_id']}'")  # fmt: skip

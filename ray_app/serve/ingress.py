@@ -17,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.ids import BadModelId, ModelRef, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
@@ -88,6 +90,14 @@ def probabilities(labels: list[str], row) -> dict[str, float]:
     return {label: float(p) for label, p in zip(labels, row, strict=True)}
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def error_body(code: str, detail: Any) -> dict[str, Any]:
     return {"error": code, "detail": detail}
 
@@ -107,6 +117,20 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
     return JSONResponse(error_body("invalid_request", problems), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (an unknown path, a wrong method) in the same JSON shape as the app's."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+    return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A fault no route anticipated still answers JSON (Starlette's default is a plain-text 500); it is logged."""
+    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
+    return JSONResponse(error_body("internal_error", type(exc).__name__), status_code=500)
 
 
 @api.middleware("http")
@@ -157,6 +181,7 @@ class Ingress:
             tag_keys=("model", "version", "route"),
         )
         self.m_canary_out = metrics.Counter("app_canary_taken_out", "Canaries removed by the guard.")
+        self.m_retries = metrics.Counter("app_pool_retries", "Pool calls sent again.", tag_keys=("reason",))
         self._shadows: set[asyncio.Task] = set()
         self._flusher = asyncio.create_task(self._flush_loop())
 
@@ -264,6 +289,11 @@ class Ingress:
                         f"items[{i}].{name} has {len(getattr(item, name))} characters; "
                         f"the limit is {self.args.max_text_chars}",
                     )
+                if not _is_utf8(getattr(item, name)):
+                    # JSON's "\ud800" escape decodes to a lone surrogate: the tokenizer and the Parquet log reject it
+                    raise ApiError(
+                        422, "invalid_text", f"items[{i}].{name} is not valid Unicode text (it has a lone surrogate)"
+                    )
             if not (item.title.strip() or item.description.strip()):
                 raise ApiError(422, "empty_text", f"items[{i}] has no text: title and description are both empty")
         return items
@@ -282,8 +312,17 @@ class Ingress:
         from ray_app.serve.pool import ModelLoadError
 
         handle = self.pool.options(multiplexed_model_id=ref.concrete)
+        request = {"model_id": ref.concrete, "texts": texts}
         try:
-            return await handle.predict.remote({"model_id": ref.concrete, "texts": texts})
+            try:
+                return await handle.predict.remote(request)
+            except RayActorError as exc:
+                # The pool replica died under this request (a crash, a killed process, a lost node). Prediction has
+                # no side effects, so it is sent once more: Serve has marked that replica dead and routes the retry
+                # to a live or restarted one. A second death is an error like any other.
+                log.warning("pool replica died during a request for %s (%s); retrying once", ref.concrete, exc)
+                self.m_retries.inc(tags={"reason": "replica_died"})
+                return await handle.predict.remote(request)
         except BackPressureError:
             raise ApiError(
                 503,
