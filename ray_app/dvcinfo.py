@@ -78,7 +78,8 @@ def _lookup(root: Path, target: Path) -> DvcVersion | None:
             out = None
         if out is not None:
             recorded = (out.hash_info.value,) if out.hash_info and out.hash_info.value else ()
-            return DvcVersion(_rel(out.fs_path, root), out.get_hash().value, recorded, out.stage.dvcfile.relpath)
+            source = _rel(out.stage.dvcfile.path, root)
+            return DvcVersion(_rel(out.fs_path, root), out.get_hash().value, recorded, source)
         deps = [
             (stage, dep)
             for stage in repo.index.stages
@@ -88,10 +89,10 @@ def _lookup(root: Path, target: Path) -> DvcVersion | None:
         if not deps:
             return None
         recorded = tuple(sorted({d.hash_info.value for _, d in deps if d.hash_info and d.hash_info.value}))
-        names = ", ".join(sorted({s.addressing for s, _ in deps}))
+        names = ", ".join(sorted({s.name or s.addressing for s, _ in deps}))
         dep = deps[0][1]
         return DvcVersion(_rel(dep.fs_path, root), dep.get_hash().value, recorded, f"dvc.lock ({names})")
 
 
 def _rel(fs_path: str, root: Path) -> str:
-    return Path(fs_path).relative_to(root).as_posix()
+    return Path(fs_path).resolve().relative_to(root).as_posix()
