@@ -17,13 +17,14 @@ export RAY_AUTH_MODE ?= token
 SERVE_PORT ?= 8000
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor repro stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
 	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
 	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
 	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
+	@echo "make repro  - dvc repro: the DVC pipeline (dvc.yaml: data, train, register, evaluate) on the running head"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
 	@echo "make stop   - stop the Ray head and MLflow server that make run started"
@@ -88,6 +89,13 @@ monitor: up
 	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) --set ray.address=127.0.0.1:$(RAY_PORT) || rc=$$?; \
 	  if [ $$rc -eq 1 ]; then echo "monitor: SLA breach reported (see above and the MLflow 'monitoring' run)"; fi; \
 	  test $$rc -le 1
+
+# The DVC pipeline (dvc.yaml) on the head and MLflow server of `make up`; ray-app must be on PATH for its stages.
+# Another config: set `config:` in params.yaml, or `dvc exp run -S config=configs/smoke.yaml`.
+repro: up
+	PATH="$(CURDIR)/$(BIN):$$PATH" RAY_ADDRESS=127.0.0.1:$(RAY_PORT) \
+	  MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m ray_app.local down --state $(STATE) || echo "nothing to stop"

@@ -26,11 +26,15 @@ log = logging.getLogger("ray_app")
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override, e.g. train.lr=3e-4.")]
 ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="Where the results JSON goes.")]
+ResultsFileOpt = Annotated[
+    Path | None,
+    typer.Option("--results-file", help="Write the results JSON to exactly this path (a fixed name, e.g. a DVC out)."),
+]
 
 
-def write_results(stage: str, payload: dict[str, Any], results_dir: Path) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def write_results(stage: str, payload: dict[str, Any], results_dir: Path, results_file: Path | None = None) -> Path:
+    path = results_file or results_dir / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))
     typer.echo(f"results: {path}")
     return path
@@ -42,6 +46,7 @@ def _run(
     overrides: list[str] | None,
     results_dir: Path,
     body: Callable[[AppConfig], dict[str, Any]],
+    results_file: Path | None = None,
 ) -> None:
     """Shared edges: config, logging, error handling and the results file."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -54,7 +59,7 @@ def _run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     payload.setdefault("duration_s", round(time.perf_counter() - started, 2))
-    write_results(stage, payload, results_dir)
+    write_results(stage, payload, results_dir, results_file)
 
 
 def _connect(cfg: AppConfig, ray: bool = True):
@@ -67,7 +72,12 @@ def _connect(cfg: AppConfig, ray: bool = True):
 
 
 @app.command()
-def data(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+def data(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
+) -> None:
     """Read, validate and split the data set; report bad rows by reason."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
@@ -81,11 +91,16 @@ def data(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt 
             log_to_mlflow(splits, cfg.data)
         return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "data": splits.report.to_dict()}
 
-    _run("data", config, set_, results_dir, body)
+    _run("data", config, set_, results_dir, body, results_file)
 
 
 @app.command()
-def train(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
+) -> None:
     """Fine-tune with Ray Train; re-running after a crash resumes from the last checkpoint."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
@@ -98,7 +113,17 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt
             result = run_training(cfg, tracking, splits, run_id, name)
         return {"tracking_uri": tracking.uri, "run_id": run_id, "train": result.to_dict()}
 
-    _run("train", config, set_, results_dir, body)
+    _run("train", config, set_, results_dir, body, results_file)
+
+
+def _train_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AppError(f"train results {path} cannot be read ({exc}); pass the JSON `ray-app train` wrote") from None
+    if not isinstance(results, dict) or "run_id" not in results or "checkpoint_path" not in results.get("train", {}):
+        raise AppError(f"{path} is not a `ray-app train` results JSON (it needs run_id and train.checkpoint_path)")
+    return results
 
 
 def _latest_train_results(results_dir: Path) -> dict[str, Any]:
@@ -118,7 +143,11 @@ def register(
         str | None, typer.Option(help="Checkpoint path or URI (default: latest train results)")
     ] = None,
     run_id: Annotated[str | None, typer.Option(help="Training run to log the model into")] = None,
+    train_results: Annotated[
+        Path | None, typer.Option(help="A `ray-app train` results JSON to take both from (default: the newest)")
+    ] = None,
     results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
 ) -> None:
     """Log a training checkpoint as an MLflow model and register it as `challenger`."""
 
@@ -128,18 +157,18 @@ def register(
         from ray_app.data import prepare
         from ray_app.pipeline import register_checkpoint
 
-        tracking = _connect(cfg)
         ckpt, rid = checkpoint, run_id
         if ckpt is None or rid is None:
-            latest = _latest_train_results(results_dir)
+            latest = _train_results(train_results) if train_results else _latest_train_results(results_dir)
             ckpt = ckpt or latest["train"]["checkpoint_path"]
             rid = rid or latest["run_id"]
+        tracking = _connect(cfg)
         splits = prepare(cfg.data)
         with mlflow.start_run(run_id=rid):
             registered = register_checkpoint(cfg, splits, ckpt, rid)
         return {"tracking_uri": tracking.uri, "model": registered.to_dict()}
 
-    _run("register", config, set_, results_dir, body)
+    _run("register", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -149,6 +178,7 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="Model URI (default: models:/NAME@challenger)")] = None,
     data_file: Annotated[Path | None, typer.Option("--data", help="Labelled CSV (default: the test split)")] = None,
     results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
 ) -> None:
     """Evaluate a registered model on the test split or any labelled CSV, beside the TF-IDF baseline."""
 
@@ -173,7 +203,7 @@ def evaluate(
             log_to_mlflow(result, artifacts, "eval_")
         return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
 
-    _run("evaluate", config, set_, results_dir, body)
+    _run("evaluate", config, set_, results_dir, body, results_file)
 
 
 def labelled_rows(cfg: AppConfig, path: Path):
@@ -338,6 +368,7 @@ def tune(
         bool, typer.Option("--resume", help="Continue the study (restoring a search whose driver died).")
     ] = False,
     results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
 ) -> None:
     """Ray Tune + Optuna search with ASHA; the best trial is evaluated and registered as `challenger`."""
 
@@ -346,7 +377,8 @@ def tune(
 
         return run_tune(cfg, _connect(cfg))
 
-    _run("tune", config, [*(set_ or []), *(["tune.resume=true"] if resume else [])], results_dir, body)
+    overrides = [*(set_ or []), *(["tune.resume=true"] if resume else [])]
+    _run("tune", config, overrides, results_dir, body, results_file)
 
 
 @app.command()

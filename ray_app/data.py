@@ -339,14 +339,31 @@ def tokenize(splits: Splits, tokenizer_path: str, max_length: int, names: tuple[
     return {n: tokenized.filter(expr=f"split == '{n}'").drop_columns(["split"]).materialize() for n in names}
 
 
+def dvc_tags(cfg: DataConfig) -> dict[str, str]:
+    """`dvc.data.*` (the CSV) and `dvc.feedback.*` (the feedback store) when DVC tracks them; empty otherwise."""
+    from ray_app.dvcinfo import dvc_version
+
+    tags: dict[str, str] = {}
+    for prefix, path in (("dvc.data", cfg.path), ("dvc.feedback", cfg.feedback_uri)):
+        version = dvc_version(path)
+        if version is not None:
+            tags.update(version.tags(prefix))
+    return tags
+
+
 def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
-    """Dataset inputs (digest, source, schema), row counts as metrics, the full report as a JSON artifact."""
+    """Dataset inputs (digest, source, schema, DVC hash), row counts as metrics, the full report as a JSON artifact;
+    the DVC version of the data as run tags when the data lives in a DVC repository."""
     import mlflow
 
+    dvc = dvc_tags(cfg)
+    input_tags = {"data_digest": splits.report.digest}
+    if "dvc.data.md5" in dvc:
+        input_tags["dvc_md5"] = dvc["dvc.data.md5"]
     for name, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         source = cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve())
         ds = mlflow.data.from_pandas(splits.frame(name), source=source, name=f"projects-{name}", targets="label")
-        mlflow.log_input(ds, context=context, tags={"data_digest": splits.report.digest})
+        mlflow.log_input(ds, context=context, tags=input_tags)
     metrics = {f"data.rows_{n}": v for n, v in splits.report.split_sizes.items()}
     metrics.update({f"data.bad_{r}": v for r, v in splits.report.bad_rows.items()})
     metrics.update({"data.rows_read": splits.report.rows_read, "data.bad_fraction": splits.report.bad_fraction})
@@ -355,5 +372,5 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
         metrics.update({f"data.feedback_bad_{r}": v for r, v in splits.report.feedback_bad.items()})
     mlflow.log_metrics(metrics)
     mlflow.log_dict(splits.report.to_dict(), "data/report.json")
-    mlflow.set_tag("data_digest", splits.report.digest)
+    mlflow.set_tags({"data_digest": splits.report.digest, **dvc})
     mlflow.log_text(splits.test.to_csv(index=False), "data/test_split.csv")

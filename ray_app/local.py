@@ -49,7 +49,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def wait_http(url: str, timeout: float) -> None:
     """Until the server answers; 401 counts, since Ray's dashboard asks for its token (and is up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,7 +104,7 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
         start_new_session=True,
     )
     try:
-        _wait_http(f"http://{host}:{port}/health", 240)  # a busy 2-core machine has needed more than 90 s
+        wait_http(f"http://{host}:{port}/health", 240)  # a busy 2-core machine has needed more than 90 s
     except RuntimeError:
         stop_pids(with_descendants([proc.pid]))  # its uvicorn and job runner too, or they outlive it
         raise
@@ -154,7 +154,7 @@ def start_ray_head(
         RAY_TOKEN_FILE.chmod(0o600)  # `ray start` may create it world-readable; it is the key to the whole cluster
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_http(f"{dashboard}/api/version", 180)
+        wait_http(f"{dashboard}/api/version", 180)
         # `ray job submit` needs the head's dashboard agent too, and the dashboard waits only 10 s for it: on a busy
         # machine the agent comes up later than the dashboard, so wait for its port as well.
         _wait_port(agent_port, 120)
@@ -296,7 +296,7 @@ def main() -> None:
         )
         print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}, metrics {s.metrics_url}")
     elif args.action == "wait":
-        _wait_http(args.url, args.timeout)
+        wait_http(args.url, args.timeout)
         print(f"{args.url} is up")
     else:
         down(args.state)

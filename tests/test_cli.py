@@ -38,6 +38,14 @@ def test_missing_config_file() -> None:
     assert_clean_error(ray_app("train", "--config", "configs/nope.yaml"), "configs/nope.yaml does not exist")
 
 
+def test_register_from_a_train_results_file_that_is_missing_or_is_not_one(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    assert_clean_error(ray_app("register", "--train-results", str(missing)), f"train results {missing} cannot be read")
+    other = tmp_path / "evaluate.json"
+    other.write_text(json.dumps({"run_id": "abc", "metrics": {"f1_weighted": 0.5}}))
+    assert_clean_error(ray_app("register", "--train-results", str(other)), "is not a `ray-app train` results JSON")
+
+
 def test_tracking_server_down() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     assert_clean_error(ray_app("promote", "--set", f"mlflow.tracking_uri={url}"), url, "not reachable")
