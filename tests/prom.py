@@ -82,9 +82,12 @@ def finite(values: dict[str, float], *keys: str) -> bool:
 
 
 def example_config(sd_files: list[str] | None = None, static: list[str] | None = None, interval: str = "1s") -> dict:
-    """The shipped prometheus.yml, with its rules by absolute path, a short interval, and the test's targets."""
+    """The shipped prometheus.yml, with its rules by absolute path, a short interval, and the test's targets.
+
+    The scrape timeout is the interval (the most Prometheus allows): its own default, 10 s capped at the interval,
+    marked a Ray node's endpoint down on a loaded 2-core machine, where one scrape can take over a second."""
     config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
-    config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
+    config["global"] = {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval}
     config["rule_files"] = [str(PROM_DIR / f) for f in config["rule_files"]]
     (job,) = config["scrape_configs"]
     if sd_files is not None:
