@@ -184,3 +184,39 @@ def test_int8_check_accepts_within_the_limit_and_refuses_beyond(tiny_model):
     assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in ok["model"].model.modules())
     strict = int8_check(clf, rows, ["title", "description"], max_drop=-1.0)  # no model can pass a negative drop
     assert not strict["accepted"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"title": "YOLO"},
+        {"title": "YOLO", "description": "frames", "model": "@champion"},
+        {"items": [{"title": "a"}, {"title": "b", "description": "c"}]},
+        {"description": "no title"},
+        {"items": []},
+        {"items": [{"title": "a"}], "title": "both"},
+        {"items": [{"title": "a"}], "description": "both"},
+        {},
+        {"title": "x", "extra": 1},
+        {"title": "x", "model": "projects-classifier/3"},
+        {"title": "x", "model": "../etc/passwd"},
+        {"title": "x", "model": "m/01"},
+    ],
+)
+def test_openapi_schema_of_a_request_agrees_with_the_server(body):
+    """The request schema published in /openapi.json (title or items, never both) accepts exactly what the server's
+    own validation accepts, so a client or a fuzzer generating from the schema sends requests the server takes."""
+    import jsonschema
+    from pydantic import ValidationError
+
+    from ray_app.serve.ingress import PredictRequest
+
+    schema_ok = jsonschema.Draft202012Validator(PredictRequest.model_json_schema()).is_valid(body)
+    try:
+        request = PredictRequest.model_validate(body)
+        if request.model is not None:
+            parse_model_id(request.model, "m")  # the server's next check (a 422 too)
+        server_ok = True
+    except (ValidationError, BadModelId):
+        server_ok = False
+    assert schema_ok == server_ok, (body, schema_ok, server_ok)

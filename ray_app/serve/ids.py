@@ -17,6 +17,10 @@ _GRAMMAR = re.compile(
 )
 
 
+# The same grammar for JSON Schema (ECMA-262 has no named groups): published in /openapi.json for clients.
+SCHEMA_PATTERN = re.sub(r"\?P<\w+>", "?:", _GRAMMAR.pattern)
+
+
 class BadModelId(ValueError):
     """The id does not follow the grammar (a client's mistake: 422)."""
 

@@ -22,7 +22,15 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.serve.ids import BadModelId, ModelRef, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
+from ray_app.serve.ids import (
+    SCHEMA_PATTERN,
+    BadModelId,
+    ModelRef,
+    RegistryUnavailable,
+    Resolver,
+    UnknownModel,
+    parse_model_id,
+)
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.predlog import PredictionLog, text_fields
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
@@ -39,13 +47,29 @@ class Item(BaseModel):
     description: str = Field("", description="Project description; may be empty.")
 
 
+def _title_or_items(schema: dict[str, Any]) -> None:
+    """Say in the OpenAPI document what `_one_form` enforces, so clients and fuzzers see the two request shapes:
+    a title (with an optional description) or a non-empty list of items, never both and never a null title."""
+    props = schema["properties"]
+    props["title"] = {"type": "string", "title": "Title", "description": "Project title (one-item form)."}
+    props["description"] = {"type": "string", "title": "Description", "description": "May be empty."}
+    array = next(a for a in props["items"]["anyOf"] if a.get("type") == "array")  # keeps pydantic's own $ref
+    props["items"] = {**array, "minItems": 1, "title": "Items"}
+    next(a for a in props["model"]["anyOf"] if a.get("type") == "string")["pattern"] = SCHEMA_PATTERN
+    schema["oneOf"] = [
+        {"required": ["title"], "not": {"required": ["items"]}},
+        {"required": ["items"], "not": {"anyOf": [{"required": ["title"]}, {"required": ["description"]}]}},
+    ]
+    schema["examples"] = [
+        {"title": "Transformers for text classification", "description": "BERT"},
+        {"items": [{"title": "YOLO object detection", "description": "video frames"}], "model": "@champion"},
+    ]
+
+
 class PredictRequest(BaseModel):
     """One item (`title`, `description`) or a list of them (`items`); `model` names a version or alias."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"title": "Transformers for text classification", "description": "BERT"}]},
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_title_or_items)
     title: str | None = None
     description: str | None = None
     items: list[Item] | None = None
