@@ -451,12 +451,12 @@ def test_drill_fuzz_the_http_api_from_its_openapi_document(app):
 
 
 def test_drill_soak_at_80_percent_of_capacity(app):
-    """30 s open-loop at 80 % of the capacity a closed-loop burst measured just before: zero 5xx and replica RSS
-    grows by at most 10 %. p99 of the first vs the last third is printed, not asserted (no test asserts a time):
-    bench/soak.py measures it over 5 minutes on a quiet machine."""
+    """60 s open-loop at 80 % of the capacity a closed-loop burst measured just before: zero 5xx, replica RSS grows
+    by at most 10 %, and p99 of the last third stays within 2x the first third's (a ratio within one run, not a time;
+    bench/soak.py runs 5 minutes)."""
     from bench.soak import run_soak
 
-    result = run_soak(app["base"], {"X-API-Key": KEY}, "classifier", app["dashboard"], seconds=30, share=0.8, conc=8)
+    result = run_soak(app["base"], {"X-API-Key": KEY}, "classifier", app["dashboard"], seconds=60, share=0.8, conc=8)
     first, last = result["thirds"][0], result["thirds"][2]
     print(
         f"DRILL soak: capacity={result['capacity_req_s']:.1f} req/s rate={result['rate']:.1f} req/s "
@@ -467,6 +467,7 @@ def test_drill_soak_at_80_percent_of_capacity(app):
     )
     assert result["server_errors"] == 0, result["statuses"]
     assert result["max_rss_growth"] <= 0.10, result["rss"]
+    assert result["p99_ratio"] <= 2.0, result["thirds"]
 
 
 def test_drill_killing_the_pool_replica_loses_only_its_in_flight_requests(app):

@@ -78,19 +78,19 @@ def test_smoke_search_end_to_end(mlflow_server, ray_cluster, tiny_model, storage
     name = f"smoke-tune-{uuid.uuid4().hex[:6]}"
     cfg = smoke_config(
         mlflow_server, ray_cluster["address"], tiny_model, storage,
-        "tune.num_samples=3", f"tune.storage=sqlite:///{tmp_path}/optuna.db", f"tune.study_name={name}",
+        "tune.num_samples=2", f"tune.storage=sqlite:///{tmp_path}/optuna.db", f"tune.study_name={name}",
         "tune.space={lr: {kind: loguniform, low: 1.0e-4, high: 1.0e-2}, "
         "warmup_ratio: {kind: uniform, low: 0, high: 0.2}}",
         f"registry.model_name={name}",
     )  # fmt: skip
     results = run_tune(cfg, setup_mlflow(cfg))
     search = results["search"]
-    assert len(search["trials"]) == 3
+    assert len(search["trials"]) == 2  # the current config as the first point, then one from TPE
     assert {t["status"] for t in search["trials"]} <= {"completed", "stopped_early"}
     parent = results["run_id"]
     client = MlflowClient()
     children = client.search_runs([mlflow.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(children) == 3 and all(c.data.tags["trial_status"] in {"completed", "stopped_early"} for c in children)
+    assert len(children) == 2 and all(c.data.tags["trial_status"] in {"completed", "stopped_early"} for c in children)
     assert all(c.data.metrics.get("val_f1_weighted") is not None for c in children)
     files = {f.path for f in client.list_artifacts(parent, "tune")}
     assert {"tune/trials.csv", "tune/optimization_history.png"} <= files
@@ -267,7 +267,7 @@ def test_multi_objective_search_reports_and_logs_a_pareto_front(
     name = f"multi-{uuid.uuid4().hex[:6]}"
     cfg = smoke_config(
         mlflow_server, ray_cluster["address"], tiny_model, storage,
-        "tune.num_samples=3", f"tune.storage=sqlite:///{tmp_path}/optuna.db", f"tune.study_name={name}",
+        "tune.num_samples=2", f"tune.storage=sqlite:///{tmp_path}/optuna.db", f"tune.study_name={name}",
         "tune.objectives={val_f1_weighted: max, latency_p50_ms: min}",
         "tune.select={within: 0.01, prefer: latency_p50_ms}",
         "tune.space={lr: {kind: loguniform, low: 1.0e-4, high: 1.0e-2}, num_layers: {kind: int, low: 1, high: 2}}",
