@@ -204,6 +204,9 @@ class TuneConfig(_Section):
         default_factory=list, description="Points (every space parameter) tried first, after the current config."
     )
     sampler: Literal["tpe", "random"] = "tpe"
+    tpe_startup_trials: int = Field(
+        10, ge=1, description="Trials TPE samples at random before it models the space (Optuna's n_startup_trials, "
+        "first points included); below num_samples, or a TPE search is a random one.")  # fmt: skip
     seed: int = 0
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")

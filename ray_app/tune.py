@@ -154,7 +154,9 @@ def _safe_url(url: str) -> str:
 def make_sampler(tc: TuneConfig, offset: int = 0):
     """Seeded by tune.seed plus the trials the study already has: a resumed study must not replay the same draws."""
     seed = tc.seed + offset
-    return optuna.samplers.TPESampler(seed=seed) if tc.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
+    if tc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed)
+    return optuna.samplers.TPESampler(n_startup_trials=tc.tpe_startup_trials, seed=seed)
 
 
 def _describe(study: optuna.Study) -> str:
