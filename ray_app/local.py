@@ -111,6 +111,19 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
     return proc.pid
 
 
+def ensure_auth_token(env: dict[str, str]) -> None:
+    """With RAY_AUTH_MODE=token set, `ray start` refuses to run without a token and, unlike with the mode unset,
+    does not make one, so a fresh machine (CI) cannot start a head: make it with Ray's own `ray get-auth-token
+    --generate`, readable by its owner only."""
+    if env.get("RAY_AUTH_MODE", "token") != "token" or env.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or RAY_TOKEN_FILE).expanduser()
+    if not path.exists():
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, env=env,
+                       timeout=60)  # fmt: skip
+    path.chmod(0o600)
+
+
 def start_ray_head(
     temp_dir: Path,
     port: int,
@@ -145,13 +158,13 @@ def start_ray_head(
     # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
     # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
     own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    full_env = {**os.environ, **own, **(env or {})}
+    ensure_auth_token(full_env)
     try:
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **own, **(env or {})}, timeout=120)
+        subprocess.run(cmd, check=True, capture_output=True, env=full_env, timeout=120)
     except subprocess.SubprocessError:  # a start that failed half-way (a busy machine) leaves a GCS and dashboard
         stop_ray_head(temp_dir)
         raise
-    if RAY_TOKEN_FILE.exists():
-        RAY_TOKEN_FILE.chmod(0o600)  # `ray start` may create it world-readable; it is the key to the whole cluster
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_http(f"{dashboard}/api/version", 180)
