@@ -211,6 +211,9 @@ class TuneConfig(_Section):
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
     reduction_factor: int = Field(2, ge=2)
+    refit: bool = Field(False, description="Train the chosen trial's values once more on train+val, for the epochs "
+                        "its best checkpoint had, and register that model (test stays held out); false registers the "
+                        "trial's own checkpoint, with no retraining.")  # fmt: skip
     storage: str = Field("sqlite:///optuna.db", description="Optuna RDB storage URL (SQLite file, PostgreSQL, ...).")
     study_name: str = "projects-classifier"
     space: dict[str, ParamSpec] = Field(

@@ -102,13 +102,16 @@ def build_reference(clf, rows: pd.DataFrame, text_columns: Sequence[str], id_col
     return pd.concat([frame, describe(clf, texts)], axis=1)
 
 
-def log_reference(cfg: AppConfig, model_dir: str, splits, model_uri: str) -> str:
+def log_reference(
+    cfg: AppConfig, model_dir: str, splits, model_uri: str, held_out: tuple[str, ...] = ("val", "test")
+) -> str:
     """Build the reference of a model being registered and log it into the active run, in a folder named after the
-    logged model so two versions from one run never share one; returns its artifact path (the version's tag)."""
+    logged model so two versions from one run never share one; returns its artifact path (the version's tag).
+    `held_out` names the splits the model never trained on (a refit on train+val leaves only test)."""
     from ray_app.model import TextClassifier
 
     clf = TextClassifier.load(model_dir, cfg.data.max_length)
-    rows = pd.concat([splits.val.assign(split="val"), splits.test.assign(split="test")], ignore_index=True)
+    rows = pd.concat([splits.frame(name).assign(split=name) for name in held_out], ignore_index=True)
     reference = build_reference(clf, rows, cfg.data.text_columns, cfg.data.id_column)
     folder = f"monitoring/{model_uri.rstrip('/').rsplit('/', 1)[-1]}"
     with tempfile.TemporaryDirectory() as tmp:

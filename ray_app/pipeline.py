@@ -8,13 +8,15 @@ last checkpoint instead of starting over.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pandas as pd
 from mlflow.entities import RunStatus
 
 from ray_app.config import AppConfig, dump_yaml
@@ -27,8 +29,12 @@ from ray_app.registry import GateDecision, Registered, aliases, log_model, promo
 from ray_app.runtime import Tracking, git_commit
 from ray_app.train import MODEL_SUBDIR, TrainResult, backfill_epoch_metrics, train
 
+if TYPE_CHECKING:
+    from ray_app.tune import SearchResult
+
 log = logging.getLogger("ray_app")
 RESUME_TAG = "ray_app.resume_key"
+REFIT_TAG = "ray_app.refit"
 TRAIN_NAME_TAG = "ray_app.train_run_name"
 
 
@@ -105,17 +111,56 @@ def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str, prefix: 
     return result
 
 
-def register_checkpoint(cfg: AppConfig, splits: Splits, checkpoint_path: str, run_id: str) -> Registered:
+def register_checkpoint(
+    cfg: AppConfig, splits: Splits, checkpoint_path: str, run_id: str, held_out: tuple[str, ...] = ("val", "test")
+) -> Registered:
     from ray.train import Checkpoint
 
     from ray_app.monitor import REFERENCE_TAG, log_reference
 
     with Checkpoint(checkpoint_path).as_directory() as ckpt:
         model_uri = log_model(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits.test)
-        # The drift reference travels with the version: its own answers on the val/test rows (`ray-app monitor`).
-        reference = log_reference(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits, model_uri)
-    tags = {"data_digest": splits.report.digest, "git_commit": git_commit(), "config_hash": cfg.fingerprint()}
+        # The drift reference travels with the version: its own answers on rows it never trained on (`ray-app
+        # monitor`): val and test, or only test after a refit on train+val.
+        reference = log_reference(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits, model_uri, held_out)
+    tags = {"data_digest": splits.report.digest, "git_commit": git_commit(), "config_hash": cfg.fingerprint(),
+            "trained_on": "+".join(s for s in ("train", "val", "test") if s not in held_out)}  # fmt: skip
     return register(cfg, model_uri, run_id, {**tags, REFERENCE_TAG: reference})
+
+
+def refit_on_train_val(
+    cfg: AppConfig, tracking: Tracking, splits: Splits, found: SearchResult, parent_run_id: str
+) -> dict[str, Any]:
+    """`tune.refit`: the chosen trial's values trained again on train+val for as many epochs as its best checkpoint
+    had, in a nested run of the search. More data for the model that ships, and test still unseen; the val rows are
+    training rows now, so its val metrics are in-sample (the run says so) and the last checkpoint is the one kept.
+    A re-run after a crash resumes the same Ray Train run (its name is the parent's)."""
+    from ray_app.tune import apply_params
+
+    tuned = apply_params(cfg, found.best_params)
+    epochs = int(found.best_metrics.get("epoch") or tuned.train.epochs)  # a Pareto pick carries only its objectives
+    refit_cfg = tuned.model_copy(update={"train": tuned.train.model_copy(
+        update={"epochs": epochs, "early_stopping_patience": None, "fail_after_epoch": None})})  # fmt: skip
+    merged = dataclasses.replace(splits, train=pd.concat([splits.train, splits.val], ignore_index=True))
+    client = mlflow.MlflowClient()
+    name = f"refit-{parent_run_id[:8]}"
+    runs = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                              f"tags.`{REFIT_TAG}` = 'train+val'", max_results=1)  # fmt: skip
+    if runs:
+        run_id = runs[0].info.run_id
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id, REFIT_TAG: "train+val", "val_metrics": "in-sample"}
+        run_id = client.create_run(tracking.experiment_id, run_name=name, tags=tags).info.run_id
+        params = {**found.best_params, "epochs": epochs, "train_rows": len(merged.train),
+                  "from_trial": found.best_trial_id}  # fmt: skip
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+    result = train(refit_cfg, merged, name, tracking.uri, run_id, keep="last")
+    backfill_epoch_metrics(tracking.uri, run_id, result.history)
+    client.set_terminated(run_id, "FINISHED")
+    mlflow.set_tag("refit_run_id", run_id)
+    return {"run_id": run_id, "epochs": epochs, "train_rows": len(merged.train), "from_trial": found.best_trial_id,
+            "checkpoint_path": result.checkpoint_path, "duration_s": result.duration_s}  # fmt: skip
 
 
 def with_absolute_paths(cfg: AppConfig) -> AppConfig:
@@ -159,14 +204,20 @@ def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) ->
             log_data(splits, cfg.data)
         with timer.stage("search"):
             found = run_search(cfg, tracking, splits)
-        with timer.stage("evaluate"), Checkpoint(found.best_checkpoint_path).as_directory() as ckpt:
+        checkpoint, refit, held_out = found.best_checkpoint_path, None, ("val", "test")
+        if cfg.tune.refit:
+            with timer.stage("refit"):
+                refit = refit_on_train_val(cfg, tracking, splits, found, run.info.run_id)
+            checkpoint, held_out = refit["checkpoint_path"], ("test",)
+        with timer.stage("evaluate"), Checkpoint(checkpoint).as_directory() as ckpt:
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
-            registered = register_checkpoint(cfg, splits, found.best_checkpoint_path, run.info.run_id)
+            registered = register_checkpoint(cfg, splits, checkpoint, run.info.run_id, held_out)
     decision = _promote_if(promote_after, cfg, timer)
     results = {
         **_run_summary(tracking, run.info.run_id),
         "search": found.to_dict(),
+        "refit": refit,
         "model": {**registered.to_dict(), "aliases": aliases(cfg.registry)},
         "test_metrics": evaluation.metrics,
         "test_per_class": evaluation.per_class,

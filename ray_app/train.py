@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -432,8 +432,16 @@ def build_trainer(
     )
 
 
-def train(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: str | None, run_id: str | None) -> TrainResult:
-    """Fit and return the best checkpoint by val F1; a run name that exists on storage resumes that run."""
+def train(
+    cfg: AppConfig,
+    splits: Splits,
+    run_name: str,
+    tracking_uri: str | None,
+    run_id: str | None,
+    keep: Literal["best", "last"] = "best",
+) -> TrainResult:
+    """Fit and return the best checkpoint by val F1 (or the last one, when the val rows were trained on and cannot
+    rank epochs); a run name that exists on storage resumes that run."""
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
@@ -444,7 +452,7 @@ def train(cfg: AppConfig, splits: Splits, run_name: str, tracking_uri: str | Non
         raise AppError(
             f"training failed after {cfg.train.max_failures} retries: {str(exc).strip().splitlines()[-1]}"
         ) from exc
-    best = result.get_best_checkpoint(metric=SCORE, mode="max") or result.checkpoint
+    best = (result.get_best_checkpoint(metric=SCORE, mode="max") if keep == "best" else None) or result.checkpoint
     if best is None:
         raise AppError("training finished without a checkpoint; check the job log for the worker's error")
     best_metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)

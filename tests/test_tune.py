@@ -273,6 +273,39 @@ def _child(parent: str, trial_id: str):
 
 
 @pytest.mark.slow
+def test_refit_trains_the_chosen_values_on_train_and_val(mlflow_server, ray_cluster, tiny_model, storage, tmp_path):
+    """tune.refit: the registered model is a new run on train+val for the chosen trial's best epoch count, nested in
+    the search; its drift reference holds only the test rows, which it never saw."""
+    import pandas as pd
+
+    from ray_app.monitor import REFERENCE_TAG
+    from ray_app.pipeline import REFIT_TAG, run_tune
+    from ray_app.runtime import setup_mlflow
+
+    name = f"refit-{uuid.uuid4().hex[:6]}"
+    cfg = smoke_config(
+        mlflow_server, ray_cluster["address"], tiny_model, storage,
+        "tune.num_samples=1", "tune.refit=true", f"tune.storage=sqlite:///{tmp_path}/optuna.db",
+        f"tune.study_name={name}", f"registry.model_name={name}",
+    )  # fmt: skip
+    results = run_tune(cfg, setup_mlflow(cfg))
+    refit, search = results["refit"], results["search"]
+    assert refit["epochs"] == int(search["best_metrics"]["epoch"])
+    client = MlflowClient()
+    run = client.get_run(refit["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == results["run_id"] and run.data.tags[REFIT_TAG] == "train+val"
+    assert run.info.status == "FINISHED" and run.data.params["train_rows"] == str(refit["train_rows"])
+    steps = [m.step for m in client.get_metric_history(refit["run_id"], "train_loss")]
+    assert steps == list(range(1, refit["epochs"] + 1))
+    assert refit["checkpoint_path"] != search["best_checkpoint_path"]
+    version = client.get_model_version_by_alias(name, "challenger")
+    assert version.run_id == results["run_id"] and version.tags["trained_on"] == "train+val"
+    reference = pd.read_parquet(mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path=version.tags[REFERENCE_TAG], dst_path=str(tmp_path / "ref")))  # fmt: skip
+    assert set(reference["split"]) == {"test"}
+
+
+@pytest.mark.slow
 def test_multi_objective_search_reports_and_logs_a_pareto_front(
     mlflow_server, ray_cluster, tiny_model, storage, tmp_path
 ) -> None:
