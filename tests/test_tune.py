@@ -22,15 +22,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ray_app.config import TuneConfig, load_config
 from ray_app.errors import AppError
-from ray_app.tune import (
-    apply_params,
-    default_point,
-    enqueue_first_points,
-    open_storage,
-    prepare_study,
-    search_space,
-    select_from_front,
-)
+from ray_app.study import default_point, enqueue_first_points, open_storage, prepare_study, select_from_front
+from ray_app.tune import apply_params, search_space
 
 from .conftest import SMOKE, smoke_config
 
@@ -102,7 +95,7 @@ def test_smoke_search_end_to_end(mlflow_server, ray_cluster, tiny_model, storage
 def test_tpe_startup_trials_reach_the_sampler() -> None:
     """tune.tpe_startup_trials is Optuna's n_startup_trials: with 2, TPE closes in on a 1-D optimum within 12 trials;
     with 12, the same seed samples at random throughout (Optuna's default of 10 would do that to a 6-trial search)."""
-    from ray_app.tune import make_sampler
+    from ray_app.study import make_sampler
 
     def distances(startup: int) -> list[float]:
         tc = TuneConfig(tpe_startup_trials=startup, seed=3)
