@@ -451,7 +451,8 @@ def test_drill_fuzz_the_http_api_from_its_openapi_document(app):
 
 
 def test_drill_soak_at_80_percent_of_capacity(app):
-    """60 s open-loop at 80 % of the capacity a closed-loop burst measured just before: zero 5xx, replica RSS grows
+    """60 s open-loop at 80 % of the capacity measured just before (the highest open-loop rate below a closed-loop
+    burst's that the app kept up with): zero 5xx, replica RSS grows
     by at most 10 %, and p99 of the last third stays within 2x the first third's (a ratio within one run, not a time;
     bench/soak.py runs 5 minutes)."""
     from bench.soak import run_soak
@@ -459,7 +460,8 @@ def test_drill_soak_at_80_percent_of_capacity(app):
     result = run_soak(app["base"], {"X-API-Key": KEY}, "classifier", app["dashboard"], seconds=60, share=0.8, conc=8)
     first, last = result["thirds"][0], result["thirds"][2]
     print(
-        f"DRILL soak: capacity={result['capacity_req_s']:.1f} req/s rate={result['rate']:.1f} req/s "
+        f"DRILL soak: closed loop={result['closed_loop_req_s']:.1f} req/s capacity={result['capacity_req_s']:.1f} "
+        f"req/s rate={result['rate']:.1f} req/s "
         f"requests={result['requests']} statuses={result['statuses']} "
         f"p99 first/last third={first['p99_ms']:.0f}/{last['p99_ms']:.0f} ms (x{result['p99_ratio']:.2f}) "
         f"rss={ {k: (round(v['start_mb']), round(v['end_mb'])) for k, v in result['rss'].items()} } MB "
