@@ -59,12 +59,16 @@ def test_alias_cache_expires_after_ttl():
     registry, clock = CountingRegistry(), FakeClock()
     resolver = Resolver(registry, ttl_s=5, clock=clock)
     ref = ModelRef("m", alias="champion")
+    assert resolver.cached(ref) is None  # the ingress asks the registry in a thread only then
     assert resolver.resolve(ref).concrete == "m/1"
     registry.version = "2"
     clock.now = 4.9
+    assert resolver.cached(ref).concrete == "m/1"
     assert resolver.resolve(ref).concrete == "m/1" and registry.calls == 1
     clock.now = 5.1
+    assert resolver.cached(ref) is None
     assert resolver.resolve(ref).concrete == "m/2" and registry.calls == 2
+    assert resolver.cached(ModelRef("m", version="7")) is None  # a version is checked once, then known for good
 
 
 def test_split_is_weighted_and_sticky():

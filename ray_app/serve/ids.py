@@ -74,6 +74,13 @@ class Resolver:
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
         self._known: set[tuple[str, str]] = set()
 
+    def cached(self, ref: ModelRef) -> ModelRef | None:
+        """The answer without asking the registry, when it is known and fresh; None when `resolve` must ask."""
+        if ref.alias is not None:
+            hit = self._aliases.get((ref.name, ref.alias))
+            return ModelRef(ref.name, version=hit[0], alias=ref.alias) if hit and hit[1] > self._clock() else None
+        return ref if (ref.name, ref.version) in self._known else None
+
     def resolve(self, ref: ModelRef) -> ModelRef:
         from mlflow.exceptions import MlflowException
 

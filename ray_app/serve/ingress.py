@@ -224,7 +224,7 @@ class Ingress:
     @api.get("/ready")
     async def ready(self) -> JSONResponse:
         try:
-            ref = self._resolve(self.args.default_model)
+            ref = await self._resolve(self.args.default_model)
         except ApiError as err:  # no champion yet (nothing trained) is "not ready", not a client error
             raise ApiError(503, "not_ready", err.detail, {"Retry-After": "5"}) from None
         loaded = await self.pool.options(multiplexed_model_id=ref.concrete).is_loaded.remote(ref.concrete)
@@ -273,7 +273,7 @@ class Ingress:
         else:
             caller = request.headers.get(self.policy.sticky_header)
             route = choose(self.policy, caller, request_id, canary_enabled=self.guard.tripped is None)
-        ref = self._resolve(route.model_id)
+        ref = await self._resolve(route.model_id)
         texts = [join_parts([item.title, item.description]) for item in items]
         try:
             result = await self._call_pool(ref, texts)
@@ -322,9 +322,12 @@ class Ingress:
                 raise ApiError(422, "empty_text", f"items[{i}] has no text: title and description are both empty")
         return items
 
-    def _resolve(self, model_id: str) -> ModelRef:
+    async def _resolve(self, model_id: str) -> ModelRef:
+        """From the resolver's cache when it has the answer; otherwise the registry is asked in a thread, so a slow
+        or unreachable MLflow (its client retries for minutes) never stalls the replica's event loop."""
         try:
-            return self.resolver.resolve(parse_model_id(model_id, self.args.model_name))
+            ref = parse_model_id(model_id, self.args.model_name)
+            return self.resolver.cached(ref) or await asyncio.to_thread(self.resolver.resolve, ref)
         except BadModelId as exc:
             raise ApiError(422, "bad_model_id", str(exc)) from None
         except UnknownModel as exc:
@@ -414,7 +417,7 @@ class Ingress:
         """The shadow model's answer goes to the log only; its failures never reach the caller."""
         started = time.perf_counter()
         try:
-            ref = self._resolve(model_id)
+            ref = await self._resolve(model_id)
             result = await self._call_pool(ref, texts)
             self._record(ref, SHADOW, 200, started, request_id, texts, result, None)
         except ApiError as err:
