@@ -29,6 +29,7 @@ from _common import config, connect, median, parse, parser, report
 from ray_app.config import AppConfig
 from ray_app.data import Splits, prepare, tokenize
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
+from ray_app.resources import worker_threads
 from ray_app.train import (
     HISTORY_FILE,
     _evaluate,
@@ -65,7 +66,7 @@ def plain_run(cfg: AppConfig, splits: Splits, rows: dict[str, Rows]) -> dict[str
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
-    torch.set_num_threads(tc.cpus_per_worker)
+    torch.set_num_threads(worker_threads(tc))
     torch.manual_seed(tc.seed)
     device = torch.device("cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -130,7 +131,7 @@ def main() -> None:
     rows = load_rows(cfg, splits)
     print(
         f"train rows {len(splits.train)}, val rows {len(splits.val)}, epochs {cfg.train.epochs}, "
-        f"batch {cfg.train.batch_size}, threads {cfg.train.cpus_per_worker}, ray.init {init_s:.1f}s",
+        f"batch {cfg.train.batch_size}, threads {worker_threads(cfg.train)}, ray.init {init_s:.1f}s",
         flush=True,
     )
     runs: list[dict[str, Any]] = []

@@ -48,6 +48,12 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1)
     max_rows: int | None = Field(None, gt=0, description="Use only the first N valid rows (smoke runs).")
     max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    cpus_per_task: float = Field(
+        0.25,
+        gt=0,
+        description="CPUs each Ray Data task or actor of this stage reserves (read, row checks, tokenizer): light "
+        "work, sized so the data stage of a retrain runs beside a Serve app that holds most of the node.",
+    )
     feedback_uri: str | None = Field(
         None,
         description="Feedback store (`ray-app feedback` appends to it): its labelled rows join the training split; "
@@ -84,7 +90,20 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int = Field(2, ge=1, description="Also the torch thread count of each worker.")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs each worker reserves in Ray's accounting. Small by default so a retrain fits beside the "
+        "Serve app (Ingress 0.25 + up to 2 pool replicas x 0.5 of 2 CPUs); what it computes with is torch_threads.",
+    )
+    torch_threads: int | None = Field(
+        2, ge=1, description="Torch threads each worker runs; null: cpus_per_worker rounded (at least 1)."
+    )
+    start_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="How long a run waits for busy resources before it fails; an impossible request fails at once.",
+    )
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)

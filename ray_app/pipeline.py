@@ -26,6 +26,7 @@ from ray_app.evaluate import EvalResult, evaluate, plot_learning_curves
 from ray_app.evaluate import log_to_mlflow as log_eval
 from ray_app.model import TextClassifier, resolve_model_path
 from ray_app.registry import GateDecision, Registered, aliases, log_model, promote, register
+from ray_app.resources import refuse_impossible
 from ray_app.runtime import Tracking, git_commit
 from ray_app.train import MODEL_SUBDIR, TrainResult, backfill_epoch_metrics, train
 
@@ -188,6 +189,7 @@ def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) ->
     from ray_app.tune import STUDY_TAG, find_interrupted_search, run_search
 
     cfg = with_absolute_paths(cfg)  # Tune runs each trial in its own working directory
+    refuse_impossible(cfg.train)
     timer = Timer()
     with timer.stage("data"):
         splits = prepare(cfg.data)
@@ -253,6 +255,7 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
     from ray.train import Checkpoint
 
     resolve_model_path(cfg.model.name_or_path)  # a wrong model path fails now, not after the data stage
+    refuse_impossible(cfg.train)  # and so does a training request the cluster can never hold
     if cfg.pipeline.search:
         return run_tune(cfg, tracking, promote_after=cfg.pipeline.promote)
     timer = Timer()

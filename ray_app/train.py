@@ -6,6 +6,7 @@ import collections
 import json
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -23,6 +24,13 @@ from ray_app.config import AppConfig, TrainConfig
 from ray_app.data import Splits, tokenize
 from ray_app.errors import AppError
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
+from ray_app.resources import (
+    TrainingRequest,
+    refuse_impossible,
+    say_if_waiting,
+    start_timeout_error,
+    worker_threads,
+)
 
 log = logging.getLogger("ray_app")
 SCORE = "val_f1_weighted"
@@ -31,6 +39,7 @@ STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 LATENCY_BATCH = 32  # rows per timed forward pass: the batch size serving reaches under load
 LATENCY_REPEATS = 7
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass
@@ -263,7 +272,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     cfg = TrainConfig(**loop_cfg["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.set_num_threads(worker_threads(cfg))
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -397,10 +406,13 @@ def build_trainer(
 
     tc = cfg.train
     model_path = resolve_model_path(cfg.model.name_or_path)
-    datasets = tokenize(splits, model_path, cfg.data.max_length)
+    datasets = tokenize(splits, model_path, cfg.data.max_length, cpus=cfg.data.cpus_per_task)
     for ds in datasets.values():  # the loop shows its own per-epoch bar; Ray Data's would repeat it per worker
         ds.context.enable_progress_bars = False
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    say_if_waiting(tc)
+    # Ray Train's only knob for how long a worker group may wait for its resources; it passes it on to its
+    # controller. One timeout and no controller retries: a busy cluster fails after start_timeout_s, not never.
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(tc.start_timeout_s)
     loop_cfg = {
         "train": tc.model_dump(),
         "model_path": model_path,
@@ -417,14 +429,18 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=TrainingRequest.of(tc).per_worker,
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
+            failure_config=FailureConfig(max_failures=tc.max_failures, controller_failure_limit=0),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -442,12 +458,18 @@ def train(
 ) -> TrainResult:
     """Fit and return the best checkpoint by val F1 (or the last one, when the val rows were trained on and cannot
     rank epochs); a run name that exists on storage resumes that run."""
-    from ray.train import TrainingFailedError
+    from ray.train import ControllerError, TrainingFailedError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     started = time.perf_counter()
+    refuse_impossible(cfg.train)
     trainer = build_trainer(cfg, splits, run_name, tracking_uri, run_id)
     try:
         result = trainer.fit()
+    except ControllerError as exc:
+        if isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise start_timeout_error(cfg.train) from None
+        raise AppError(f"training failed to start: {str(exc).strip().splitlines()[-1]}") from exc
     except TrainingFailedError as exc:
         raise AppError(
             f"training failed after {cfg.train.max_failures} retries: {str(exc).strip().splitlines()[-1]}"

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray_app.config import TUNABLE, AppConfig, TuneConfig
 from ray_app.data import Splits
 from ray_app.errors import AppError
+from ray_app.resources import worker_threads
 from ray_app.runtime import Tracking
 from ray_app.study import (
     CHECKPOINT_PATH_KEY,
@@ -170,7 +171,8 @@ def _max_concurrent(cfg: AppConfig) -> int:
 
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    # What a trial computes with, not only what it reserves: trials beside each other share the same cores.
+    per_trial = cfg.train.num_workers * max(cfg.train.cpus_per_worker, worker_threads(cfg.train))
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 

@@ -79,45 +79,6 @@ def test_missing_data_file(mlflow_server, ray_cluster) -> None:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_smoke_pipeline(mlflow_server, ray_cluster, tiny_model, storage, tmp_path) -> None:
-    """`ray job submit --working-dir .` against the session's `ray start --head`, as README and make run do."""
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_cluster["dashboard"],
-        "--working-dir",
-        str(ROOT),
-        "--",
-        "ray-app",
-        "pipeline",
-        "-c",
-        "configs/smoke.yaml",
-        "--results-dir",
-        str(tmp_path),
-        "--set",
-        f"mlflow.tracking_uri={mlflow_server}",
-        "--set",
-        f"model.name_or_path={tiny_model}",
-        "--set",
-        f"train.storage_path={storage}",
-        "--set",
-        "mlflow.experiment=smoke-job",
-        "--set",
-        "registry.model_name=smoke-job",
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "token"}
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "succeeded" in proc.stdout
-    (results,) = tmp_path.glob("pipeline-*.json")
-    payload = json.loads(results.read_text())
-    assert payload["model"]["aliases"]["champion"] == payload["model"]["version"]
-
-
-@pytest.mark.slow
 def test_evaluate_a_registered_model_on_any_labelled_csv(smoke_run, tmp_path) -> None:
     cfg, results = smoke_run
     proc = ray_app(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,10 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ray_app.errors import AppError
-from ray_app.local import free_port
+from ray_app.local import BIN, free_port
 from ray_app.serve.report import ROLLBACK, canary_report, read_log
 from ray_app.serve.settings import TrafficPolicy
-from tests.conftest import smoke_config
+from tests.conftest import ROOT, smoke_config
 from tests.serving import deploy_config, register_version, serve_deploy, wait_until
 
 pytestmark = pytest.mark.slow
@@ -64,6 +67,7 @@ def app(mlflow_server, ray_cluster, tiny_model, storage, tmp_path_factory):
         "work": work,
         "base": base,
         "dashboard": ray_cluster["dashboard"],
+        "address": ray_cluster["address"],
         "metrics": ray_cluster["metrics"],
     }
     http.close()
@@ -400,6 +404,108 @@ def test_prometheus_scrapes_per_version_series_through_ray_service_discovery(app
         assert all(0 <= ratios[v] <= 1 for v in versions)
         for rule in prom.rules():
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+
+# ---- a retrain beside the running app (the job monitor.on_breach: retrain submits) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def serving_at_its_largest(app, ray_cluster):
+    """The CPUs the shipped app holds once its pool autoscales to max_replicas. The test app runs one pool replica
+    (one model load per test), so the other replicas' share is reserved by an idle actor of the same size: Ray's
+    scheduler sees exactly what it would see with them up."""
+    import ray
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    pool = next(d for d in conf["applications"][0]["deployments"] if d["name"] == "ModelPool")
+    extra = (pool["autoscaling_config"]["max_replicas"] - 1) * pool["ray_actor_options"]["num_cpus"]
+    holder = ray.remote(num_cpus=extra)(_Idle).remote()
+    ray.get(holder.ping.remote())
+    yield extra
+    ray.kill(holder)
+
+
+class _Idle:
+    def ping(self) -> bool:
+        return True
+
+
+def _pipeline_args(app, tmp_path: Path, *extra: str) -> list[str]:
+    cfg = app["cfg"]
+    args = ["pipeline", "-c", "configs/smoke.yaml", "--results-dir", str(tmp_path)]
+    for setting in (
+        f"mlflow.tracking_uri={app['conf']['tracking_uri']}",
+        f"model.name_or_path={cfg.model.name_or_path}",
+        f"train.storage_path={cfg.train.storage_path}",
+        f"mlflow.experiment={cfg.mlflow.experiment}",
+        f"registry.model_name={app['name']}",
+        "pipeline.promote=false",
+        *extra,
+    ):
+        args += ["--set", setting]
+    return args
+
+
+def test_retrain_job_beside_the_app_registers_a_challenger_while_it_answers(app, serving_at_its_largest, tmp_path):
+    """`ray job submit` of the pipeline (what monitor's retrain does) with serving at its largest: it trains and
+    registers a challenger, and every request sent meanwhile is answered."""
+    import threading
+
+    stop, codes = threading.Event(), []
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=app["base"], headers={"X-API-Key": KEY}, timeout=60) as http:
+            while not stop.is_set():
+                codes.append(http.post("/predict", json={"title": "Serving while a retrain runs"}).status_code)
+                time.sleep(0.2)
+
+    asker = threading.Thread(target=keep_asking, daemon=True)
+    asker.start()
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", app["dashboard"], "--working-dir", str(ROOT), "--"]
+    cmd += ["ray-app", *_pipeline_args(app, tmp_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    finally:
+        stop.set()
+        asker.join(60)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "succeeded" in proc.stdout
+    (results,) = tmp_path.glob("pipeline-*.json")
+    version = json.loads(results.read_text())["model"]["version"]
+    assert app["client"].get_model_version_by_alias(app["name"], "challenger").version == version
+    assert codes and set(codes) == {200}, Counter(codes)
+    wait_until(lambda: answer(app, {"title": "x", "model": "@challenger"}).json()["version"] == version, 30, "@v")
+
+
+def test_impossible_training_request_fails_at_once_naming_request_cluster_and_setting(app, tmp_path):
+    started = time.monotonic()
+    proc = _ray_app(*_pipeline_args(app, tmp_path, "train.cpus_per_worker=8", f"ray.address={app['address']}"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "1 worker(s) x {8 CPU} = 8 CPU" in line and "2 CPU in total" in line and "train.cpus_per_worker" in line
+    assert time.monotonic() - started < 120  # refused before the data stage: no worker, no wait
+
+
+def test_training_that_fits_but_finds_cpus_busy_waits_then_fails_within_its_timeout(
+    app, serving_at_its_largest, tmp_path
+):
+    """1.5 CPUs fit the 2-CPU cluster but not beside the app at its largest: the run says what it waits for, and
+    gives up after train.start_timeout_s with one error line instead of retrying forever."""
+    extra = ("train.cpus_per_worker=1.5", "train.start_timeout_s=5", f"ray.address={app['address']}")
+    proc = _ray_app(*_pipeline_args(app, tmp_path, *extra))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "training waits for 1 worker(s) x {1.5 CPU} = 1.5 CPU: " in proc.stderr, proc.stderr[-3000:]
+    assert "of 2 CPU are free now" in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "was not free within train.start_timeout_s=5s" in line, line
+
+
+def _ray_app(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray-app"), *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=os.environ.copy()
+    )
 
 
 # ---- failure drills (issue 7): the fuzz and the soak first, the replica kill last, so no other test sees it --------

@@ -196,7 +196,7 @@ def status_search(mlflow_server, ray_cluster, storage, tmp_path_factory):
     db = tmp_path_factory.mktemp("optuna") / "optuna.db"
     cfg = smoke_config(
         mlflow_server, ray_cluster["address"], Path("bundled:all-MiniLM-L6-v2"), storage,
-        "model.name_or_path=bundled:all-MiniLM-L6-v2", "data.max_rows=100", "train.cpus_per_worker=2",
+        "model.name_or_path=bundled:all-MiniLM-L6-v2", "data.max_rows=100", "train.torch_threads=2",
         "train.lr=2.0e-4", "train.max_failures=0", "tune.max_concurrent_trials=1", "tune.num_samples=3",
         "tune.space={lr: {kind: loguniform, low: 1.0e-8, high: 1.0e-3}, "
         "fail_after_epoch: {kind: choice, values: [null, 1]}}",
