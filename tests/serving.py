@@ -59,7 +59,7 @@ def deploy_config(
         alias_ttl_s=1,
         max_items=8,
         torch_threads=1,
-        batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+        batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},
         prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
     )
     app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}

@@ -1,17 +1,20 @@
 """The model pool: one deployment that serves every registered version, loaded on demand per replica with
-`@serve.multiplexed` (LRU eviction) and predicted in `@serve.batch` batches that Serve keeps to one model id."""
+`@serve.multiplexed` (LRU eviction), predicted in batches of one model id that take whatever queued while the last
+forward pass ran (`DrainBatcher`; batcher.py says why not `@serve.batch`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 from ray.serve import metrics
 
+from ray_app.serve.batcher import DrainBatcher
 from ray_app.serve.ids import Resolver, parse_model_id
 from ray_app.serve.settings import ServeArgs
 
@@ -32,7 +35,7 @@ class ModelLoadError(RuntimeError):
 
 
 class MixedBatchError(RuntimeError):
-    """Requests for different model ids reached one batch: never run them through one model."""
+    """A request asks for another model id than the one Serve routed it with: never run it through the wrong one."""
 
 
 @dataclass
@@ -55,11 +58,6 @@ class Loaded:
         return {"model_id": self.model_id, "load_ms": round(self.load_ms, 1), "loaded_at": self.loaded_at}
 
 
-def _items(requests: list[dict[str, Any]]) -> int:
-    """Batch size in items, so one 32-item request is a full batch on its own."""
-    return sum(len(r["texts"]) for r in requests)
-
-
 class ModelPool:
     async def __init__(self, args: dict[str, Any]) -> None:
         import mlflow
@@ -79,8 +77,13 @@ class ModelPool:
             return await self._load(model_id)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
-        self._predict_batch.set_max_batch_size(self.args.batch.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
+        # One thread for forward passes: torch's own threads do the parallel work, and two passes at once would
+        # only share the same cores. Batching off means one request per pass, for comparison.
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        batch = self.args.batch
+        self.batcher = DrainBatcher(
+            self._forward, max_items=batch.max_batch_size if batch.enabled else 1, wait_s=batch.batch_wait_timeout_s
+        )
         self.m_batch = metrics.Histogram(
             "app_batch_items", "Items per model forward pass.", boundaries=BATCH_BUCKETS, tag_keys=("model_id",)
         )
@@ -151,32 +154,27 @@ class ModelPool:
         self._report()
 
     async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
-        """request: {"model_id": NAME/VERSION, "texts": [...]}; the caller also sets it as the multiplexed id."""
-        if not self.args.batch.enabled:
-            return (await self._forward([request]))[0]
-        return await self._predict_batch(request)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_items)
-    async def _predict_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self._forward(requests)
-
-    async def _forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One forward pass for every item of these requests, all for the one model id Serve routed them with."""
+        """request: {"model_id": NAME/VERSION, "texts": [...]}; the caller also sets it as the multiplexed id, so
+        Serve routes it to a replica that holds that version."""
         model_id = serve.get_multiplexed_model_id()
-        asked = {r["model_id"] for r in requests}
-        if asked != {model_id}:
-            raise MixedBatchError(f"batch for {model_id!r} holds requests for {sorted(asked)}")
+        if request["model_id"] != model_id:
+            raise MixedBatchError(f"request for {request['model_id']!r} was routed as {model_id!r}")
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
-        loaded: Loaded = await self.get_model(model_id)
-        texts = [t for r in requests for t in r["texts"]]
+        loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
+        probs, batch_items = await self.batcher.submit(model_id, (request["texts"], loaded), len(request["texts"]))
+        return {"model_id": model_id, "labels": loaded.classifier.labels, "probs": probs, "batch_items": batch_items}
+
+    async def _forward(self, model_id: str, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
+        """One forward pass for every item of these requests, all for `model_id` (the batcher keeps them apart)."""
+        classifier = payloads[0][1].classifier
+        texts = [t for request_texts, _ in payloads for t in request_texts]
         self.m_batch.observe(len(texts), tags={"model_id": model_id})
-        probs = await asyncio.to_thread(loaded.classifier.predict_proba, texts, len(texts))
-        labels = loaded.classifier.labels
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(self._forward_thread, classifier.predict_proba, texts, len(texts))
         out, start = [], 0
-        for r in requests:
-            rows = probs[start : start + len(r["texts"])]
-            start += len(r["texts"])
-            out.append({"model_id": model_id, "labels": labels, "probs": rows, "batch_items": len(texts)})
+        for request_texts, _ in payloads:
+            out.append((probs[start : start + len(request_texts)], len(texts)))
+            start += len(request_texts)
         return out
 
     async def is_loaded(self, model_id: str) -> bool:

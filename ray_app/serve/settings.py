@@ -13,17 +13,17 @@ class _Strict(BaseModel):
 
 
 class BatchSettings(_Strict):
-    """`@serve.batch` on the model pool; sizes count items, not requests, so a 32-item request fills a batch."""
+    """Batching in the model pool (batcher.py): a request that finds the replica idle runs at once; requests that
+    queue while a forward pass runs go together in the next one. Sizes count items, so a 32-item request fills one."""
 
     enabled: bool = Field(True, description="False: every request is its own forward pass (for comparison).")
     max_batch_size: int = Field(32, ge=1, le=512)
     batch_wait_timeout_s: float = Field(
-        0.02,
+        0.0,
         ge=0,
         le=1,
-        description="How long a batch waits for more requests. Each request costs Ray 1-2 ms to dispatch on a small "
-        "machine, so closed-loop clients re-arrive spread over tens of ms: 5 ms cut batches at ~4 items "
-        "(bench/serve.py).",
+        description="How long an idle replica waits for more requests before it runs the first; 0 runs at once "
+        "(under load batches fill anyway, while the previous pass runs).",
     )
 
 
