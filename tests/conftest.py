@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ray_app.config import AppConfig, load_config
-from ray_app.local import free_port, start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+from ray_app.local import free_port, free_serve_ports, start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
 
 # Ray's token authentication stays on (its default for `ray start`); a driver that names an explicit address must
 # opt in to sending the token, as users do with this variable.
@@ -43,14 +43,17 @@ def ray_cluster() -> Iterator[dict[str, str]]:
     import ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths must stay under 107 chars
-    metrics_port = free_port()
-    address, dashboard, pids = start_ray_head(temp_dir, free_port(), free_port(), num_cpus=2, metrics_port=metrics_port)
+    metrics_port, serve_ports = free_port(), free_serve_ports()
+    address, dashboard, pids = start_ray_head(
+        temp_dir, free_port(), free_port(), num_cpus=2, metrics_port=metrics_port, serve_ports=serve_ports
+    )
     ray.init(address=address, log_to_driver=True)
     yield {
         "address": address,
         "dashboard": dashboard,
         "temp_dir": str(temp_dir),
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+        "serve_ports": serve_ports,
     }
     ray.shutdown()
     stop_ray_head(temp_dir, pids)

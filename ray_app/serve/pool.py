@@ -170,7 +170,8 @@ class ModelPool:
         texts = [t for request_texts, _ in payloads for t in request_texts]
         self.m_batch.observe(len(texts), tags={"model_id": model_id})
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self._forward_thread, classifier.predict_proba, texts, len(texts))
+        chunk = min(len(texts), self.args.batch.chunk_items)
+        probs = await loop.run_in_executor(self._forward_thread, classifier.predict_proba, texts, chunk)
         out, start = [], 0
         for request_texts, _ in payloads:
             out.append((probs[start : start + len(request_texts)], len(texts)))

@@ -25,6 +25,12 @@ class BatchSettings(_Strict):
         description="How long an idle replica waits for more requests before it runs the first; 0 runs at once "
         "(under load batches fill anyway, while the previous pass runs).",
     )
+    chunk_items: int = Field(
+        16,
+        ge=1,
+        description="A batch runs as length-sorted chunks of this many texts, so short texts are not padded to the "
+        "longest of the whole batch (32 texts here: 8.4 ms per item in chunks of 16, 10.4 ms in one).",
+    )
 
 
 class PredictionLogSettings(_Strict):
