@@ -1,7 +1,8 @@
-"""Serving throughput and latency: the model in process (the ceiling), a plain FastAPI + uvicorn server (the
-baseline users would otherwise write), and this project's Ray Serve app without and with `@serve.batch`, each with
-single-item and 32-item requests at several concurrencies; then an open-loop sweep for the highest request rate
-that keeps p99 under 100 ms.
+"""Serving throughput and latency: the model in process on every backend (the ceiling), two baselines (a plain
+FastAPI + uvicorn server, what users would otherwise write, and `mlflow models serve` of the same version, what
+MLflow gives for free), and this project's Ray Serve app with batching off, on, and on with the fastest backend whose
+F1 verdict accepts it, each with single-item and 32-item requests at several concurrencies; then open-loop sweeps
+for the highest request rate that keeps p99 under 100 ms, and the multiplexing run.
 
     .venv/bin/python bench/serve.py --tracking-uri http://127.0.0.1:5000 --model projects-classifier@champion
 
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,45 +43,69 @@ def texts(n: int) -> list[dict[str, str]]:
     return [rows[i % len(rows)] for i in range(n)]
 
 
-def in_process(model_dir: str, items: list[dict[str, str]], seconds: float) -> list[dict[str, Any]]:
-    """The ceiling: predict_proba called directly, one item at a time and 32 at a time, fp32 and int8."""
+def backends(model_dir: str) -> dict[str, Any]:
+    """Every serving backend of the benchmarked version, built the way a replica builds it (ray_app/backends.py)."""
     import torch
 
+    from ray_app.backends import export_onnx, onnx_classifier
     from ray_app.model import TextClassifier, quantize_int8
-    from ray_app.text import join_parts
 
     torch.set_num_threads(2)
     fp32 = TextClassifier.load(model_dir)
+    files = export_onnx(fp32, Path(tempfile.mkdtemp(prefix="bench-onnx-")))
+    return {
+        "fp32": fp32,
+        "torch-int8": quantize_int8(fp32),
+        "onnx-fp32": onnx_classifier(fp32, files["onnx-fp32"], threads=2),
+        "onnx-int8": onnx_classifier(fp32, files["onnx-int8"], threads=2),
+    }
+
+
+def in_process(classifiers: dict[str, Any], items: list[dict[str, str]], seconds: float) -> list[dict[str, Any]]:
+    """The ceiling: predict_proba called directly, one item at a time and 32 at a time, for every backend."""
+    from ray_app.text import join_parts
+
     strings = [join_parts([i["title"], i["description"]]) for i in items]
     rows = []
-    for label, clf in (("in-process", fp32), ("in-process int8", quantize_int8(fp32))):
+    for backend, clf in classifiers.items():
         clf.predict_proba(strings[:64])  # warm up
         for size in (1, 32):
             lat, done, start = [], 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 chunk = [strings[(done + k) % len(strings)] for k in range(size)]
                 t0 = time.perf_counter()
-                clf.predict_proba(chunk, batch_size=size)
+                clf.predict_proba(chunk, batch_size=min(size, 16))  # the pool's chunk_items
                 lat.append((time.perf_counter() - t0) * 1000)
                 done += size
-            rows.append(cell(label, size, 1, lat, [200] * len(lat), time.perf_counter() - start))
+            rows.append(cell(f"in-process {backend}", size, 1, lat, [200] * len(lat), time.perf_counter() - start))
     return rows
 
 
-def int8_quality(tracking_uri: str, model: str, model_dir: str) -> dict[str, Any]:
-    """The check a replica runs before it serves int8: weighted F1 of both on the version's frozen test rows."""
+def backend_quality(tracking_uri: str, model: str, classifiers: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    """The verdict a replica makes before it serves a backend: weighted F1 on the version's frozen test rows."""
     from mlflow.tracking import MlflowClient
 
-    from ray_app.model import TextClassifier
+    from ray_app.backends import judge
     from ray_app.registry import frozen_test_rows
-    from ray_app.serve.pool import int8_check
 
     client = MlflowClient(tracking_uri)
     name, _, alias = model.partition("@")
     version = client.get_model_version_by_alias(name, alias).version if alias else model.split("/")[1]
     rows = frozen_test_rows(client, name, str(version))
-    check = int8_check(TextClassifier.load(model_dir), rows, ["title", "description"], max_drop=0.01)
-    return {k: v for k, v in check.items() if k != "model"}
+    fp32 = classifiers["fp32"]
+    out = {}
+    for backend, clf in classifiers.items():
+        if backend != "fp32":
+            v = judge(backend, clf, fp32, rows, ["title", "description"], max_drop)
+            out[backend] = {"f1": v.f1, "fp32_f1": v.fp32_f1, "rows": v.rows, "accepted": v.accepted}
+    return out
+
+
+def fastest_accepted(rows: list[dict[str, Any]], quality: dict[str, Any]) -> str:
+    """By in-process items/s at batch 32 among the backends whose F1 verdict accepts them (fp32 always qualifies)."""
+    speed = {r["server"].removeprefix("in-process "): r["items_s"] for r in rows if r["items_per_request"] == 32}
+    allowed = ["fp32"] + [b for b, q in quality.items() if q["accepted"]]
+    return max(allowed, key=lambda b: speed.get(b, 0.0))
 
 
 def cell(server: str, size: int, conc: int, lat: list[float], codes: list[int], wall: float) -> dict[str, Any]:
@@ -97,7 +123,18 @@ def cell(server: str, size: int, conc: int, lat: list[float], codes: list[int], 
     }
 
 
-async def closed_loop(url: str, items: list[dict[str, str]], size: int, conc: int, n: int, seconds: float):
+def app_body(chunk: list[dict[str, str]]) -> dict[str, Any]:
+    return {"items": chunk}
+
+
+def mlflow_body(chunk: list[dict[str, str]]) -> dict[str, Any]:
+    """MLflow's scoring protocol (`/invocations`): the model's input frame as records."""
+    return {"dataframe_records": chunk}
+
+
+async def closed_loop(
+    url: str, items: list[dict[str, str]], size: int, conc: int, n: int, seconds: float, body=app_body
+):
     """`conc` clients, each sending its next request when the last one returns, until n requests or the time is up."""
     lat: list[float] = []
     codes: list[int] = []
@@ -107,10 +144,10 @@ async def closed_loop(url: str, items: list[dict[str, str]], size: int, conc: in
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal sent
         while sent < n and time.perf_counter() < deadline:
-            body = {"items": [items[(sent * size + k) % len(items)] for k in range(size)]}
+            payload = body([items[(sent * size + k) % len(items)] for k in range(size)])
             sent += 1
             t0 = time.perf_counter()
-            r = await c.post(url, json=body)
+            r = await c.post(url, json=payload)
             lat.append((time.perf_counter() - t0) * 1000)
             codes.append(r.status_code)
 
@@ -121,7 +158,7 @@ async def closed_loop(url: str, items: list[dict[str, str]], size: int, conc: in
         return lat, codes, time.perf_counter() - start
 
 
-async def open_loop(url: str, items: list[dict[str, str]], rate: float, seconds: float):
+async def open_loop(url: str, items: list[dict[str, str]], rate: float, seconds: float, body=app_body):
     """Requests sent on a fixed schedule, not waiting for replies: latency includes queueing, as real traffic sees."""
     lat: list[float] = []
     codes: list[int] = []
@@ -129,7 +166,7 @@ async def open_loop(url: str, items: list[dict[str, str]], rate: float, seconds:
     async def one(c: httpx.AsyncClient, i: int) -> None:
         t0 = time.perf_counter()
         try:
-            r = await c.post(url, json={"items": [items[i % len(items)]]})
+            r = await c.post(url, json=body([items[i % len(items)]]))
             codes.append(r.status_code)
         except httpx.HTTPError:
             codes.append(599)
@@ -145,15 +182,24 @@ async def open_loop(url: str, items: list[dict[str, str]], rate: float, seconds:
     return (float(np.percentile(ok, 99)) if ok else float("inf")), len(codes) - len(ok)
 
 
-def max_rate(url: str, items, rates: list[float], seconds: float) -> tuple[float, list[dict[str, Any]]]:
+def max_rate(url: str, items, rates: list[float], seconds: float, body=app_body) -> tuple[float, list[dict[str, Any]]]:
+    """Up the coarse `rates` until p99 reaches the target, then from the last good rate in 5 req/s steps."""
     best, sweep = 0.0, []
-    for rate in rates:
-        p99, errors = asyncio.run(open_loop(url, items, rate, seconds))
+
+    def held(rate: float) -> bool:
+        p99, errors = asyncio.run(open_loop(url, items, rate, seconds, body))
         sweep.append({"rate": rate, "p99_ms": p99, "errors": errors})
         print(f"  open loop {rate:>5.0f} req/s: p99 {p99:7.1f} ms, errors {errors}", flush=True)
-        if p99 >= P99_TARGET_MS or errors:
+        return p99 < P99_TARGET_MS and not errors
+
+    failed = None
+    for rate in rates:
+        if not held(rate):
+            failed = rate
             break
         best = rate
+    while failed is not None and best + 5 < failed and held(best + 5):
+        best += 5
     return best, sweep
 
 
@@ -169,12 +215,12 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     raise SystemExit(f"{url} not ready after {timeout}s")
 
 
-def run_cells(server: str, url: str, items, args) -> list[dict[str, Any]]:
+def run_cells(server: str, url: str, items, args, body=app_body) -> list[dict[str, Any]]:
     rows = []
     for size in (1, 32):
         for conc in args.concurrency:
-            asyncio.run(closed_loop(url, items, size, min(conc, 4), 8, 10))  # warm connections and caches
-            lat, codes, wall = asyncio.run(closed_loop(url, items, size, conc, args.requests, args.seconds))
+            asyncio.run(closed_loop(url, items, size, min(conc, 4), 8, 10, body))  # warm connections and caches
+            lat, codes, wall = asyncio.run(closed_loop(url, items, size, conc, args.requests, args.seconds, body))
             rows.append(cell(server, size, conc, lat, codes, wall))
             r = rows[-1]
             print(
@@ -200,6 +246,28 @@ def plain_server(model_dir: str, port: int, items, args) -> tuple[list[dict[str,
         return rows, best, sweep
     finally:
         proc.terminate()
+        proc.wait(30)
+
+
+def mlflow_serve(args, items, port: int) -> tuple[list[dict[str, Any]], float, list]:
+    """What an MLflow user gets for free: `mlflow models serve` of the same registered version, one worker, the
+    venv's own environment (its `bin` on PATH, where uvicorn is)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    cmd = [f"{bin_dir}/mlflow", "models", "serve", "-m", f"models:/{args.model}", "--env-manager", "local"]
+    cmd += ["-w", "1", "-h", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping")
+        url = f"http://127.0.0.1:{port}/invocations"
+        rows = run_cells("mlflow serve", url, items, args, body=mlflow_body)
+        best, sweep = max_rate(url, items, args.rates, args.open_seconds, body=mlflow_body)
+        return rows, best, sweep
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn it starts goes too
         proc.wait(30)
 
 
@@ -296,7 +364,7 @@ def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
     }
 
 
-def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict[str, Any]]:
+def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], float, list, dict[str, Any]]:
     """This project's app on a fresh head: batching off, then on at each wait; then the multiplexing run."""
     import ray
     from ray import serve
@@ -314,20 +382,25 @@ def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name, _, ref = args.model.partition("@")
-        variants = [("serve", False, 0.0)] + [(f"serve+batch {w * 1000:g}ms", True, w) for w in args.batch_waits]
-        for label, enabled, wait in variants:
+        variants = [("serve", False, 0.0, "fp32")]
+        variants += [(f"serve+batch {w * 1000:g}ms", True, w, "fp32") for w in args.batch_waits]
+        if fastest != "fp32":
+            variants.append((f"serve+batch {fastest}", True, args.batch_wait, fastest))
+        for label, enabled, wait, backend in variants:
             sargs = ServeArgs(
                 tracking_uri=args.tracking_uri,
                 model_name=name,
                 default_model=f"@{ref}" if ref else args.model,
                 batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait},
                 api_key_env=None,
+                backend=backend,
+                backend_max_f1_drop=args.max_f1_drop,
             )
             serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
             wait_ready(f"http://127.0.0.1:{port}/ready")
             url = f"http://127.0.0.1:{port}/predict"
             rows += run_cells(label, url, items, args)
-            if enabled and wait == args.batch_wait:
+            if enabled and wait == args.batch_wait and backend == "fp32":
                 best, sweep = max_rate(url, items, args.rates, args.open_seconds)
             serve.delete("bench")
         if not args.skip_multiplex:
@@ -340,16 +413,22 @@ def serve_variants(args, items) -> tuple[list[dict[str, Any]], float, list, dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Every cell, with ratios against both baselines measured in the same run: plain FastAPI and MLflow's server."""
     plain = {(r["items_per_request"], r["concurrency"]): r for r in rows if r["server"] == "fastapi"}
+    mlf = {(r["items_per_request"], r["concurrency"]): r for r in rows if r["server"] == "mlflow serve"}
     names = ["server", "items/request", "concurrency", "req/s", "items/s", "p50 ms", "p99 ms", "errors"]
-    names += ["req/s ÷ fastapi", "p99 ÷ fastapi"]
+    names += ["req/s ÷ fastapi", "p99 ÷ fastapi", "req/s ÷ mlflow serve", "p99 ÷ mlflow serve"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+    def ratios(r: dict[str, Any], baseline: dict | None) -> list[float]:
+        if not baseline or r["server"].startswith("in-process"):
+            return [float("nan"), float("nan")]
+        return [r["req_s"] / baseline["req_s"], r["p99_ms"] / baseline["p99_ms"]]
+
     for r in rows:
-        base = plain.get((r["items_per_request"], r["concurrency"]))
-        rr = r["req_s"] / base["req_s"] if base and r["server"] != "in-process" else float("nan")
-        pr = r["p99_ms"] / base["p99_ms"] if base and r["server"] != "in-process" else float("nan")
+        key = (r["items_per_request"], r["concurrency"])
         cols = [r["server"], r["items_per_request"], r["concurrency"], r["req_s"], r["items_s"], r["p50_ms"]]
-        cols += [r["p99_ms"], r["errors"], rr, pr]
+        cols += [r["p99_ms"], r["errors"], *ratios(r, plain.get(key)), *ratios(r, mlf.get(key))]
         lines.append("| " + " | ".join(_fmt(float(c) if isinstance(c, float) else c) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -381,11 +460,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=400, help="Most requests per cell")
     p.add_argument("--seconds", type=float, default=15, help="Most seconds per cell")
-    p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 30, 40, 60, 80, 100, 130])
+    p.add_argument("--rates", type=float, nargs="+", default=[20, 40, 60, 80, 100, 120, 140, 160])
     p.add_argument("--open-seconds", type=float, default=8)
-    p.add_argument("--batch-wait", type=float, default=0.02, help="serve_config.yaml's wait: open loop, multiplexing")
-    p.add_argument("--batch-waits", type=float, nargs="+", default=[0.005, 0.02], help="Closed-loop cells per wait")
+    p.add_argument("--batch-wait", type=float, default=0.0, help="serve_config.yaml's wait: open loop, multiplexing")
+    p.add_argument("--batch-waits", type=float, nargs="+", default=[0.0], help="Closed-loop cells per wait")
     p.add_argument("--skip-multiplex", action="store_true")
+    p.add_argument("--skip-mlflow", action="store_true", help="Leave out the `mlflow models serve` baseline")
+    p.add_argument("--max-f1-drop", type=float, default=0.005, help="A backend's largest weighted-F1 drop")
     args = p.parse_args()
 
     import mlflow
@@ -400,30 +481,35 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"model {uri} -> {model_dir}; load average {load:.1f}", flush=True)
 
-    rows = in_process(model_dir, items, args.seconds)
-    quality = int8_quality(args.tracking_uri, args.model, model_dir)
-    print(f"int8 vs fp32 on the version's test rows: {quality}", flush=True)
+    classifiers = backends(model_dir)
+    rows = in_process(classifiers, items, args.seconds)
+    quality = backend_quality(args.tracking_uri, args.model, classifiers, args.max_f1_drop)
+    fastest = fastest_accepted(rows, quality)
+    del classifiers  # the servers below have the cores and the memory to themselves
+    print(f"backends vs fp32 on the version's test rows: {quality}; fastest accepted: {fastest}", flush=True)
     plain_rows, plain_best, plain_sweep = plain_server(model_dir, free_port(), items, args)
-    serve_rows, serve_best, serve_sweep, mux = serve_variants(args, items)
-    rows += plain_rows + serve_rows
+    mlf_rows, mlf_best, mlf_sweep = mlflow_serve(args, items, free_port()) if not args.skip_mlflow else ([], 0, [])
+    serve_rows, serve_best, serve_sweep, mux = serve_variants(args, items, fastest)
+    rows += plain_rows + mlf_rows + serve_rows
     out = table(rows)
     print("\n" + out)
     print(f"\nopen loop, highest rate with p99 < {P99_TARGET_MS:.0f} ms (single-item requests): ", end="")
-    print(f"fastapi {plain_best:.0f} req/s, serve+batch {serve_best:.0f} req/s")
-    print(
-        f"int8 vs fp32, weighted F1 on the version's {quality['rows']} test rows: "
-        f"{quality['f1_int8']} vs {quality['f1_fp32']} ({'accepted' if quality['accepted'] else 'refused'})"
-    )
+    print(f"fastapi {plain_best:.0f} req/s, mlflow serve {mlf_best:.0f} req/s, serve+batch {serve_best:.0f} req/s")
+    print(f"\nbackends, weighted F1 on the version's test rows (max drop {args.max_f1_drop}):")
+    for backend, q in quality.items():
+        verdict = "accepted" if q["accepted"] else "refused"
+        print(f"  {backend}: {q['f1']:.4f} vs fp32 {q['fp32_f1']:.4f} on {q['rows']} rows ({verdict})")
     if mux:
         print("\n" + multiplex_table(mux, serve_rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "args": vars(args),
         "rows": rows,
-        "open_loop": {"fastapi": plain_sweep, "serve+batch": serve_sweep},
-        "max_rate_p99_under_100ms": {"fastapi": plain_best, "serve+batch": serve_best},
+        "open_loop": {"fastapi": plain_sweep, "mlflow serve": mlf_sweep, "serve+batch": serve_sweep},
+        "max_rate_p99_under_100ms": {"fastapi": plain_best, "mlflow serve": mlf_best, "serve+batch": serve_best},
         "multiplexing": mux,
-        "int8_quality": quality,
+        "backend_quality": quality,
+        "fastest_accepted_backend": fastest,
         "load_average_at_start": load,
     }
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))

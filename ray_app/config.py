@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ray_app.errors import AppError
 
+# How a registered version runs on CPU (ray_app/backends.py): serving's `backend` setting names one of these.
+Backend = Literal["fp32", "torch-int8", "onnx-fp32", "onnx-int8"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -133,7 +133,7 @@ class TextClassifier:
         """(row indices, encoded batch) with texts sorted by length, so each batch pads only to its own longest
         text (dynamic padding); callers put the rows back in their own order with the indices."""
         order = np.argsort([len(t) for t in texts], kind="stable")
-        device = next(self.model.parameters()).device
+        device = self._device()
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             enc = self.tokenizer(
@@ -145,12 +145,19 @@ class TextClassifier:
             ).to(device)
             yield idx, enc
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _logits(self, enc) -> torch.Tensor:
+        """One padded batch through the model; other backends (ray_app/backends.py) run it their own way."""
+        return self.model(**enc).logits
+
     @torch.inference_mode()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Class probabilities, shape (len(texts), n_labels), in the caller's order."""
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         for idx, enc in self._sorted_batches(texts, batch_size):
-            logits = self.model(**enc).logits
+            logits = torch.as_tensor(self._logits(enc))
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
 

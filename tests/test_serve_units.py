@@ -170,26 +170,6 @@ def test_canary_verdicts():
     assert canary_report(_traffic(30, challenger_status=500), "1", "2", cfg)["verdict"] == ROLLBACK
 
 
-def test_int8_check_accepts_within_the_limit_and_refuses_beyond(tiny_model):
-    """The real quantization of a real (tiny) classifier; the limit decides, in both directions."""
-    import torch
-
-    from ray_app.model import TextClassifier, load_for_training, load_tokenizer
-    from ray_app.serve.pool import int8_check
-
-    labels = ["natural-language-processing", "computer-vision", "mlops", "other"]
-    torch.manual_seed(0)
-    clf = TextClassifier(load_for_training(str(tiny_model), labels), load_tokenizer(str(tiny_model)))
-    rows = pd.DataFrame(
-        {"title": ["BERT text", "image GAN", "deploy docker"], "description": ["", "", ""], "label": labels[:3]}
-    )
-    ok = int8_check(clf, rows, ["title", "description"], max_drop=1.0)
-    assert ok["accepted"] and ok["rows"] == 3
-    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in ok["model"].model.modules())
-    strict = int8_check(clf, rows, ["title", "description"], max_drop=-1.0)  # no model can pass a negative drop
-    assert not strict["accepted"]
-
-
 @pytest.mark.parametrize(
     "body",
     [

@@ -91,7 +91,9 @@ class ModelPool:
         self.m_load_ms = metrics.Histogram(
             "app_model_load_ms", "Time to load and warm up a version.", boundaries=LOAD_MS_BUCKETS
         )
-        self.m_int8 = metrics.Counter("app_int8", "int8 checks at load.", tag_keys=("model_id", "outcome"))
+        self.m_backend = metrics.Counter(
+            "app_backend", "Backend chosen per version load.", tag_keys=("model_id", "backend", "outcome")
+        )
         self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
         self.directory = None
         self._reporter = asyncio.create_task(self._report_loop())
@@ -113,8 +115,8 @@ class ModelPool:
         started = time.perf_counter()
         try:
             classifier = await asyncio.to_thread(load_classifier, f"models:/{model_id}")
-            if self.args.int8:
-                classifier = await asyncio.to_thread(self._int8_if_safe, model_id, classifier)
+            if self.args.backend != "fp32":
+                classifier = await asyncio.to_thread(self._backend_if_accepted, model_id, classifier)
             await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported as this version's, not the replica's
             self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
@@ -129,24 +131,33 @@ class ModelPool:
         self._report()
         return loaded
 
-    def _int8_if_safe(self, model_id: str, classifier):
-        """The int8 model only if it scores within `int8_max_f1_drop` of fp32 on the version's frozen test rows."""
+    def _backend_if_accepted(self, model_id: str, classifier):
+        """The configured backend when the version's verdict accepts it (made and stored on the first ask); fp32
+        otherwise, with a log line and a metric, so nobody is served a silently worse model."""
         from mlflow.tracking import MlflowClient
 
-        from ray_app.registry import frozen_test_rows
+        from ray_app.backends import for_version
 
         name, version = model_id.split("/")
+        backend = self.args.backend
         try:
-            rows = frozen_test_rows(MlflowClient(), name, version)
-        except Exception as exc:  # noqa: BLE001 - no rows to check against means no int8, never an unchecked one
-            log.warning("int8 refused for %s: its test rows could not be read (%s); serving fp32", model_id, exc)
-            self.m_int8.inc(tags={"model_id": model_id, "outcome": "no_test_rows"})
+            chosen = for_version(
+                MlflowClient(), name, version, classifier, backend, self.args.text_columns,
+                self.args.backend_max_f1_drop, self.args.torch_threads,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - no verdict means fp32, never an unchecked backend
+            log.warning("%s refused for %s: no verdict could be made (%s); serving fp32", backend, model_id, exc)
+            self.m_backend.inc(tags={"model_id": model_id, "backend": backend, "outcome": "no_verdict"})
             return classifier
-        check = int8_check(classifier, rows, self.args.text_columns, self.args.int8_max_f1_drop)
-        outcome = "used" if check["accepted"] else "refused"
-        self.m_int8.inc(tags={"model_id": model_id, "outcome": outcome})
-        log.warning("int8 %s for %s: %s", outcome, model_id, {k: v for k, v in check.items() if k != "model"})
-        return check["model"] if check["accepted"] else classifier
+        outcome = "used" if chosen.backend == backend else "refused"
+        self.m_backend.inc(tags={"model_id": model_id, "backend": backend, "outcome": outcome})
+        v = chosen.verdict
+        log.warning(
+            "%s %s for %s: weighted F1 %.4f vs fp32 %.4f on %d test rows (max drop %g; verdict %s)",
+            backend, outcome, model_id, v.f1, v.fp32_f1, v.rows, v.max_f1_drop,
+            "made now and stored" if chosen.computed else "read from the version",
+        )  # fmt: skip
+        return chosen.classifier
 
     def _forget(self, model_id: str) -> None:
         self.loaded.pop(model_id, None)
@@ -203,21 +214,3 @@ class ModelPool:
     def __del__(self) -> None:
         if self.directory is not None:
             self.directory.forget.remote(self.replica)
-
-
-def int8_check(classifier, rows, text_columns: list[str], max_drop: float) -> dict[str, Any]:
-    """Score fp32 and int8 on the same labelled rows; accept int8 when its weighted F1 drops by at most max_drop."""
-    from ray_app.evaluate import scores
-    from ray_app.model import quantize_int8
-
-    quantized = quantize_int8(classifier)
-    truth = list(rows["label"])
-    f1 = scores(truth, list(classifier.predict_frame(rows, text_columns)["label"]))["f1_weighted"]
-    f1_int8 = scores(truth, list(quantized.predict_frame(rows, text_columns)["label"]))["f1_weighted"]
-    return {
-        "accepted": f1 - f1_int8 <= max_drop,
-        "f1_fp32": round(f1, 4),
-        "f1_int8": round(f1_int8, 4),
-        "rows": len(rows),
-        "model": quantized,
-    }

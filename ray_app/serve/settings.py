@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ray_app.config import Backend
 from ray_app.serve.ids import parse_model_id
 
 
@@ -67,10 +68,13 @@ class ServeArgs(_Strict):
         "RAY_APP_API_KEY", description="Env var holding the API key; when it is set, every route but /health needs it."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on overload.")
-    int8: bool = Field(False, description="Serve versions int8-quantized (CPU) if they pass the check below.")
-    int8_max_f1_drop: float = Field(
-        0.01, ge=0, le=1, description="Refuse int8 (serve fp32) if weighted F1 on the version's test rows drops more."
+    backend: Backend = Field(
+        "fp32",
+        description="How pool replicas run a version: fp32 (torch, as trained), torch-int8, onnx-fp32 or onnx-int8 "
+        "(ONNX Runtime). Used for a version only when its weighted F1 on the version's frozen test rows is within "
+        "backend_max_f1_drop of fp32 (checked once per version, stored with it); fp32 otherwise.",
     )
+    backend_max_f1_drop: float = Field(0.005, ge=0, le=1, description="Largest weighted-F1 drop a backend may have.")
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
