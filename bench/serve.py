@@ -382,16 +382,18 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name, _, ref = args.model.partition("@")
-        variants = [("serve", False, 0.0, "fp32")]
-        variants += [(f"serve+batch {w * 1000:g}ms", True, w, "fp32") for w in args.batch_waits]
+        variants = [("serve", False, 0.0, "fp32", "drain")]
+        variants += [(f"serve+batch {w * 1000:g}ms", True, w, "fp32", "drain") for w in args.batch_waits]
+        for w in args.serve_batch_waits:
+            variants.append((f"serve+@serve.batch {w * 1000:g}ms", True, w, "fp32", "serve_batch"))
         if fastest != "fp32":
-            variants.append((f"serve+batch {fastest}", True, args.batch_wait, fastest))
-        for label, enabled, wait, backend in variants:
+            variants.append((f"serve+batch {fastest}", True, args.batch_wait, fastest, "drain"))
+        for label, enabled, wait, backend, mode in variants:
             sargs = ServeArgs(
                 tracking_uri=args.tracking_uri,
                 model_name=name,
                 default_model=f"@{ref}" if ref else args.model,
-                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait},
+                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait, "mode": mode},
                 api_key_env=None,
                 backend=backend,
                 backend_max_f1_drop=args.max_f1_drop,
@@ -400,7 +402,7 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
             wait_ready(f"http://127.0.0.1:{port}/ready")
             url = f"http://127.0.0.1:{port}/predict"
             rows += run_cells(label, url, items, args)
-            if enabled and wait == args.batch_wait and backend == "fp32":
+            if enabled and wait == args.batch_wait and backend == "fp32" and mode == "drain":
                 best, sweep = max_rate(url, items, args.rates, args.open_seconds)
             serve.delete("bench")
         if not args.skip_multiplex:
@@ -464,6 +466,9 @@ def main() -> None:
     p.add_argument("--open-seconds", type=float, default=8)
     p.add_argument("--batch-wait", type=float, default=0.0, help="serve_config.yaml's wait: open loop, multiplexing")
     p.add_argument("--batch-waits", type=float, nargs="+", default=[0.0], help="Closed-loop cells per wait")
+    p.add_argument(
+        "--serve-batch-waits", type=float, nargs="*", default=[0.02], help="Cells with Ray's @serve.batch per wait"
+    )
     p.add_argument("--skip-multiplex", action="store_true")
     p.add_argument("--skip-mlflow", action="store_true", help="Leave out the `mlflow models serve` baseline")
     p.add_argument("--max-f1-drop", type=float, default=0.005, help="A backend's largest weighted-F1 drop")

@@ -60,7 +60,8 @@ def _port_open(port: int) -> bool:
 @dataclass(frozen=True)
 class ServePorts:
     """Where one cluster's Serve fast path listens: a block of ports for its ingress replicas' HTTP servers, one for
-    their gRPC servers, HAProxy's stats page and its metrics exporter.
+    their gRPC servers, HAProxy's stats page and its metrics exporter, and the HTTP and gRPC ports of Serve's own
+    proxy, which HAProxy keeps as a backup server (used while no replica is up, or one is marked down).
 
     Ray takes replica ports from one range per machine (30000-31000 by default) and binds them with port reuse, so
     two clusters on one machine with the same range share ports, and one's HAProxy hands requests to the other's
@@ -71,6 +72,8 @@ class ServePorts:
     grpc: int
     stats: int
     metrics: int
+    fallback_http: int
+    fallback_grpc: int
 
     def env(self) -> dict[str, str]:
         return {
@@ -80,10 +83,14 @@ class ServePorts:
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc + PORT_BLOCK - 1),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(self.stats),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.metrics),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.fallback_http),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.fallback_grpc),
         }
 
 
-MAKE_RUN_PORTS = ServePorts(http=30000, grpc=40000, stats=8404, metrics=9101)  # Ray's own defaults, cut to a block
+# Ray's own defaults, the replica ranges cut to a block. Shared, the fallback port alone made a test cluster's HAProxy
+# hand requests to make run's app whenever the test's own replica was not up yet.
+MAKE_RUN_PORTS = ServePorts(http=30000, grpc=40000, stats=8404, metrics=9101, fallback_http=8500, fallback_grpc=9500)
 
 
 def _bindable(port: int) -> bool:
@@ -101,7 +108,8 @@ def free_serve_ports() -> ServePorts:
         http = 30000 + PORT_BLOCK * random.randrange(1, 9000 // PORT_BLOCK)
         block = [*range(http, http + PORT_BLOCK), *range(http + 10000, http + 10000 + PORT_BLOCK)]
         if all(_bindable(p) for p in block):
-            return ServePorts(http=http, grpc=http + 10000, stats=free_port(), metrics=free_port())
+            fixed = {"stats": free_port(), "metrics": free_port()}
+            return ServePorts(http, http + 10000, **fixed, fallback_http=free_port(), fallback_grpc=free_port())
     raise RuntimeError("no free block of Serve replica ports between 30050 and 39000 (and 40050-49000)")
 
 

@@ -67,6 +67,16 @@ def proxy_port(dashboard: str) -> int:
     return int((got.json().get("http_options") or {}).get("port") or DEFAULT_HTTP_PORT)
 
 
+def ports_of(config: str) -> set[str]:
+    """Every port an HAProxy config listens on or forwards to (bind and server lines)."""
+    found = set()
+    for line in config.splitlines():
+        words = line.split()
+        if words and words[0] in ("bind", "server"):
+            found |= {w.rsplit(":", 1)[1] for w in words[1:] if ":" in w and w.rsplit(":", 1)[1].isdigit()}
+    return found
+
+
 def haproxy_configs() -> list[str]:
     configs = []
     for proc in psutil.process_iter(["name", "cmdline"]):
@@ -89,13 +99,18 @@ def test_two_clusters_on_one_machine_never_answer_for_each_other(ray_cluster) ->
         deploy_who((ray_cluster["address"], "session"), (address, "second"))
         ports = {"session": proxy_port(ray_cluster["dashboard"]), "second": proxy_port(dashboard)}
         configs = haproxy_configs()
+        used = {}
         for name, port in ports.items():
-            assert any(f"bind 127.0.0.1:{port}\n" in c for c in configs), f"no HAProxy serves {name}'s {port}"
+            mine = [c for c in configs if f"bind 127.0.0.1:{port}\n" in c]
+            assert mine, f"no HAProxy serves {name}'s {port}"
+            used[name] = ports_of(mine[0])
+        # no port in common, backup servers included: a shared one is where one cluster answers for the other
+        assert not used["session"] & used["second"], used
         for _ in range(40):
             for name, port in ports.items():
                 got = httpx.get(f"http://127.0.0.1:{port}/who", timeout=30)
                 assert got.status_code == 200 and got.json() == {"cluster": name}, (name, got.text)
     finally:
-        with contextlib.suppress(Exception):
-            serve.delete("who")
+        # Serve itself too: a later module's serve.start(port=...) is ignored while Serve runs on another port
+        serve.shutdown()
         stop_ray_head(temp, pids)

@@ -58,6 +58,11 @@ class Loaded:
         return {"model_id": self.model_id, "load_ms": round(self.load_ms, 1), "loaded_at": self.loaded_at}
 
 
+def _items(payloads: list[tuple[list[str], Any]]) -> int:
+    """@serve.batch's size in items (each call's payload is (texts, loaded)), so a 32-item request fills one."""
+    return sum(len(texts) for texts, _ in payloads)
+
+
 class ModelPool:
     async def __init__(self, args: dict[str, Any]) -> None:
         import mlflow
@@ -84,6 +89,8 @@ class ModelPool:
         self.batcher = DrainBatcher(
             self._forward, max_items=batch.max_batch_size if batch.enabled else 1, wait_s=batch.batch_wait_timeout_s
         )
+        self._serve_batch.set_max_batch_size(batch.max_batch_size)
+        self._serve_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
         self.m_batch = metrics.Histogram(
             "app_batch_items", "Items per model forward pass.", boundaries=BATCH_BUCKETS, tag_keys=("model_id",)
         )
@@ -172,8 +179,17 @@ class ModelPool:
             raise MixedBatchError(f"request for {request['model_id']!r} was routed as {model_id!r}")
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
         loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
-        probs, batch_items = await self.batcher.submit(model_id, (request["texts"], loaded), len(request["texts"]))
+        payload = (request["texts"], loaded)
+        if self.args.batch.enabled and self.args.batch.mode == "serve_batch":
+            probs, batch_items = await self._serve_batch(payload)
+        else:
+            probs, batch_items = await self.batcher.submit(model_id, payload, len(request["texts"]))
         return {"model_id": model_id, "labels": loaded.classifier.labels, "probs": probs, "batch_items": batch_items}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=lambda calls: _items(calls))
+    async def _serve_batch(self, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
+        """Ray's own batching, for comparison only (batch.mode: serve_batch); Serve keeps a batch to one model id."""
+        return await self._forward(serve.get_multiplexed_model_id(), payloads)
 
     async def _forward(self, model_id: str, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
         """One forward pass for every item of these requests, all for `model_id` (the batcher keeps them apart)."""

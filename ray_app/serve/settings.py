@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_app.config import Backend
@@ -18,6 +20,11 @@ class BatchSettings(_Strict):
     queue while a forward pass runs go together in the next one. Sizes count items, so a 32-item request fills one."""
 
     enabled: bool = Field(True, description="False: every request is its own forward pass (for comparison).")
+    mode: Literal["drain", "serve_batch"] = Field(
+        "drain",
+        description="drain: the pool's DrainBatcher; serve_batch: Ray's @serve.batch (cut when full or "
+        "batch_wait_timeout_s after its first request), kept so bench/serve.py can compare the two in one run.",
+    )
     max_batch_size: int = Field(32, ge=1, le=512)
     batch_wait_timeout_s: float = Field(
         0.0,
