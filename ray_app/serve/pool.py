@@ -186,7 +186,7 @@ class ModelPool:
             probs, batch_items = await self.batcher.submit(model_id, payload, len(request["texts"]))
         return {"model_id": model_id, "labels": loaded.classifier.labels, "probs": probs, "batch_items": batch_items}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=lambda calls: _items(calls))
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_items)
     async def _serve_batch(self, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
         """Ray's own batching, for comparison only (batch.mode: serve_batch); Serve keeps a batch to one model id."""
         return await self._forward(serve.get_multiplexed_model_id(), payloads)
