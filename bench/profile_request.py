@@ -1,10 +1,10 @@
 """Where one request's time and CPU go: the app deployed on a fresh head, a fixed number of requests sent, and the CPU
-time of every process that touched them read from /proc before and after (proxy, ingress replica, pool replica,
-Ray's own daemons, this client), beside the model's own forward pass measured in process.
+time of every process that touched them read from /proc before and after (proxy, the app's replica, Ray's own
+daemons, this client), beside the model's own forward pass measured in process.
 
     .venv/bin/python bench/profile_request.py --tracking-uri http://127.0.0.1:5000 --model projects-classifier@champion
 
-With --py-spy (py-spy on PATH or in the venv) it also samples the ingress and pool replicas during the concurrent
+With --py-spy (py-spy on PATH or in the venv) it also samples the app's replica and Serve's proxy during the concurrent
 run and prints each one's functions with the most self time. Needs a registered model (what `make run` leaves).
 """
 
@@ -32,6 +32,9 @@ from serve import closed_loop, texts, wait_ready
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # here and in the replicas it starts
+
+from ray_app.serve.app import DEPLOYMENT
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -59,10 +62,8 @@ def serve_processes(dashboard: str, head_pids: list[int]) -> dict[str, int]:
         name = actor.class_name
         if "ProxyActor" in name:
             roles["serve proxy"] = actor.pid
-        elif name.endswith(":Ingress"):
-            roles["ingress replica"] = actor.pid
-        elif name.endswith(":ModelPool"):
-            roles.setdefault("pool replica", actor.pid)
+        elif name.endswith(f":{DEPLOYMENT}"):
+            roles.setdefault("app replica", actor.pid)
         elif "ServeController" in name:
             roles["serve controller"] = actor.pid
     for pid in head_pids:
@@ -188,7 +189,7 @@ def main() -> None:
             runs.append(measure(url, items, roles, conc, args.requests))
             print(f"concurrency {conc}: {runs[-1]['req_s']:.1f} req/s p50 {runs[-1]['p50_ms']:.1f} ms", flush=True)
         if args.py_spy:
-            for role in ("ingress replica", "pool replica", "serve proxy"):
+            for role in ("app replica", "serve proxy"):
                 if role in roles:  # sampled while 32 clients keep it busy
                     with ThreadPoolExecutor(1) as sampler:
                         sampled = sampler.submit(py_spy_top, roles[role], 8)

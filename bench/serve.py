@@ -35,6 +35,9 @@ P99_TARGET_MS = 100.0
 # The head this script starts keeps Ray's token authentication on; a driver naming its address must opt in to it
 # (before ray reads its settings).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Closed-loop cells measure throughput, not shedding: 32 clients x 32 items all fit in the app's queue (the shipped
+# max_queued_items of 256 would refuse most 32-item requests at concurrency 32, as it should in production).
+QUEUE_ALL = 2048
 
 
 def texts(n: int) -> list[dict[str, str]]:
@@ -320,6 +323,7 @@ def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
         default_model=versions[0],
         max_models_per_replica=2,
         batch={"max_batch_size": 32, "batch_wait_timeout_s": args.batch_wait},
+        max_queued_items=QUEUE_ALL,
         api_key_env=None,
     )
     serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
@@ -394,6 +398,7 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
                 model_name=name,
                 default_model=f"@{ref}" if ref else args.model,
                 batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait, "mode": mode},
+                max_queued_items=QUEUE_ALL,
                 api_key_env=None,
                 backend=backend,
                 backend_max_f1_drop=args.max_f1_drop,

@@ -97,7 +97,7 @@ class TrainConfig(_Section):
         0.5,
         gt=0,
         description="CPUs each worker reserves in Ray's accounting. Small by default so a retrain fits beside the "
-        "Serve app (Ingress 0.25 + up to 2 pool replicas x 0.5 of 2 CPUs); what it computes with is torch_threads.",
+        "Serve app (up to 2 replicas x 0.5 of 2 CPUs); what it computes with is torch_threads.",
     )
     torch_threads: int | None = Field(
         2, ge=1, description="Torch threads each worker runs; null: cpus_per_worker rounded (at least 1)."

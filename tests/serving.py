@@ -63,12 +63,11 @@ def deploy_config(
         prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
     )
     app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}
-    ingress, pool = app["deployments"]
+    (deployment,) = app["deployments"]
     if traffic is not None:
-        ingress["user_config"]["traffic"].update(traffic)
-    pool.pop("autoscaling_config")
-    # a queue of a few seconds at the soak's rate: a CPU stall on a shared machine must not turn into 503s there
-    pool.update(num_replicas=1, max_ongoing_requests=8, max_queued_requests=32)
+        deployment["user_config"]["traffic"].update(traffic)
+    deployment.pop("autoscaling_config")
+    deployment["num_replicas"] = 1
     path.write_text(yaml.safe_dump(conf, sort_keys=False))
     return path
 

@@ -176,7 +176,7 @@ class RayShapedSeries:
             ("1", "primary", 0, 0, 0.93, 0.05),
             ("2", "canary", 0.05, 1, 0.8, 0.35),
         ):
-            tags = {"model": "clf", "version": version, "application": "classifier", "deployment": "Ingress"}
+            tags = {"model": "clf", "version": version, "application": "classifier", "deployment": "Classifier"}
             for replica in ("a", "b"):
                 put("requests_total", 10 * n, route=route, status="200", replica=replica, **tags)
                 put("requests_total", n, route=route, status="422", replica=replica, **tags)
@@ -192,7 +192,7 @@ class RayShapedSeries:
             pool = {
                 "model_id": f"clf/{version}",
                 "application": "classifier",
-                "deployment": "ModelPool",
+                "deployment": "Classifier",
                 "replica": "p",
             }
             histogram("batch_items", lambda le: 1.0 if le >= 8 else 0.5, 4 * n, **pool)
@@ -205,7 +205,7 @@ class RayShapedSeries:
             put("drift_share", drift, **gauges)
             put("drift_detected", float(drift > 0.2), **gauges)
         histogram("model_load_ms", lambda le: 1.0 if le >= 500 else 0.0, 2 + n, application="classifier")
-        put("canary_taken_out_total", 1, application="classifier", deployment="Ingress", replica="a")
+        put("canary_taken_out_total", 1, application="classifier", deployment="Classifier", replica="a")
         return "\n".join(out) + "\n"
 
 

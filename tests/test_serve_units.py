@@ -204,3 +204,30 @@ def test_openapi_schema_of_a_request_agrees_with_the_server(body):
     except (ValidationError, BadModelId):
         server_ok = False
     assert schema_ok == server_ok, (body, schema_ok, server_ok)
+
+
+def _shipped_app_and_deployment() -> tuple[ServeArgs, dict]:
+    import yaml
+
+    from tests.conftest import ROOT
+
+    (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    (deployment,) = app["deployments"]
+    return ServeArgs.model_validate(app["args"]), deployment
+
+
+def test_the_app_sheds_overload_itself_before_serve_does():
+    """Serve refuses past max_ongoing + max_queued requests in plain text; the app's own JSON 503 must come first:
+    at most max_queued_items waiting and one batch running, each a request of at least one item."""
+    from ray_app.serve.app import build_app
+
+    args, deployment = _shipped_app_and_deployment()
+    assert deployment["max_ongoing_requests"] > args.max_queued_items + args.batch.max_batch_size
+    defaults = ServeArgs()
+    built = build_app(defaults)._bound_deployment
+    assert built.max_ongoing_requests > defaults.max_queued_items + defaults.batch.max_batch_size
+
+
+def test_a_full_request_always_fits_an_empty_queue():
+    with pytest.raises(ValueError, match="exceeds max_queued_items"):
+        ServeArgs(max_items=32, max_queued_items=16)

@@ -1,5 +1,6 @@
-"""The HTTP front door: validates requests, applies the traffic policy, resolves model ids through the registry,
-calls the model pool, and records metrics and the prediction log. Every client mistake gets a JSON 4xx.
+"""The app's one deployment: the HTTP routes validate requests, apply the traffic policy, resolve model ids
+through the registry, predict with the replica's own model pool (pool.py, in process) and record metrics and the
+prediction log. Every client mistake gets a JSON 4xx.
 
 No `from __future__ import annotations`: FastAPI reads the route methods' annotations at run time.
 """
@@ -17,9 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve import metrics
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.ids import (
@@ -32,6 +31,7 @@ from ray_app.serve.ids import (
     parse_model_id,
 )
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
+from ray_app.serve.pool import ModelLoadError, ModelPool, Overloaded
 from ray_app.serve.predlog import PredictionLog, text_fields
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
 from ray_app.text import join_parts
@@ -179,14 +179,14 @@ async def _guard_request(request: Request, call_next):
 
 @serve.ingress(api)
 class Ingress:
-    async def __init__(self, pool, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         from ray_app.runtime import secret_from_env, serve_tracking_uri
 
-        self.pool = pool
         self.args = ServeArgs.model_validate(args)
+        self.pool = ModelPool(self.args)
         api.state.max_body_bytes = self.args.max_body_bytes
         api.state.api_key = secret_from_env(self.args.api_key_env)
         mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
@@ -205,9 +205,9 @@ class Ingress:
             tag_keys=("model", "version", "route"),
         )
         self.m_canary_out = metrics.Counter("app_canary_taken_out", "Canaries removed by the guard.")
-        self.m_retries = metrics.Counter("app_pool_retries", "Pool calls sent again.", tag_keys=("reason",))
         self._shadows: set[asyncio.Task] = set()
         self._flusher = asyncio.create_task(self._flush_loop())
+        await self.pool.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A new traffic policy, live: `serve deploy` with only user_config changed calls this, nothing restarts."""
@@ -227,8 +227,7 @@ class Ingress:
             ref = await self._resolve(self.args.default_model)
         except ApiError as err:  # no champion yet (nothing trained) is "not ready", not a client error
             raise ApiError(503, "not_ready", err.detail, {"Retry-After": "5"}) from None
-        loaded = await self.pool.options(multiplexed_model_id=ref.concrete).is_loaded.remote(ref.concrete)
-        if not loaded:
+        if not self.pool.is_loaded(ref.concrete):
             raise ApiError(503, "not_ready", f"default model {ref.concrete} is not loaded yet", {"Retry-After": "5"})
         return JSONResponse({"status": "ready", "default_model": self.args.default_model, "version": ref.version})
 
@@ -336,31 +335,19 @@ class Ingress:
             raise ApiError(503, "registry_unavailable", str(exc), {"Retry-After": "5"}) from None
 
     async def _call_pool(self, ref: ModelRef, texts: list[str]) -> dict[str, Any]:
-        from ray_app.serve.pool import ModelLoadError
-
-        handle = self.pool.options(multiplexed_model_id=ref.concrete)
-        request = {"model_id": ref.concrete, "texts": texts}
         try:
-            try:
-                return await handle.predict.remote(request)
-            except RayActorError as exc:
-                # The pool replica died under this request (a crash, a killed process, a lost node). Prediction has
-                # no side effects, so it is sent once more: Serve has marked that replica dead and routes the retry
-                # to a live or restarted one. A second death is an error like any other.
-                log.warning("pool replica died during a request for %s (%s); retrying once", ref.concrete, exc)
-                self.m_retries.inc(tags={"reason": "replica_died"})
-                return await handle.predict.remote(request)
-        except BackPressureError:
+            return await self.pool.predict(ref.concrete, texts)
+        except Overloaded as exc:
             raise ApiError(
                 503,
                 "overloaded",
-                "the model pool's queue is full; retry after the Retry-After seconds",
+                f"{exc}; retry after the Retry-After seconds",
                 {"Retry-After": str(self.args.retry_after_s)},
             ) from None
         except ModelLoadError as exc:
             raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "30"}) from None
-        except Exception as exc:  # noqa: BLE001 - a server fault still answers JSON, and counts against the version
-            log.error("prediction with %s failed: %r", ref.concrete, exc)
+        except Exception as exc:  # a server fault still answers JSON, and counts against the version
+            log.exception("prediction with %s failed", ref.concrete)
             raise ApiError(500, "prediction_failed", f"{ref.concrete} failed: {type(exc).__name__}") from None
 
     def _record(
@@ -444,4 +431,5 @@ class Ingress:
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: what is buffered is written, not lost."""
         self._flusher.cancel()
+        self.pool.close()
         await self.flush(force=True)

@@ -1,6 +1,12 @@
-"""The model pool: one deployment that serves every registered version, loaded on demand per replica with
-`@serve.multiplexed` (LRU eviction), predicted in batches of one model id that take whatever queued while the last
-forward pass ran (`DrainBatcher`; batcher.py says why not `@serve.batch`)."""
+"""The models of one replica: every registered version, loaded on demand with `@serve.multiplexed` (LRU eviction)
+and predicted in batches of one model id that take whatever queued while the last forward pass ran (`DrainBatcher`;
+batcher.py says why not `@serve.batch`).
+
+The pool lives inside the app's one deployment, beside the HTTP routes (ingress.py), not in a deployment of its own:
+a handle call to a second deployment cost about 3 ms of CPU and 14 ms of latency per request on 2 cores, more than
+everything else Serve does (docs/serving.md has the profile). It sheds load itself, at once and in JSON, when more
+items wait than `max_queued_items`.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ LOAD_MS_BUCKETS = [50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
 
 
+class Overloaded(RuntimeError):
+    """More items wait for a forward pass in this replica than `max_queued_items`: refused now, not queued."""
+
+
 class ModelLoadError(RuntimeError):
     """A version could not be loaded on this replica; the replica keeps serving the others."""
 
@@ -32,10 +42,6 @@ class ModelLoadError(RuntimeError):
 
     def __str__(self) -> str:
         return f"model {self.model_id} could not be loaded: {self.reason}"
-
-
-class MixedBatchError(RuntimeError):
-    """A request asks for another model id than the one Serve routed it with: never run it through the wrong one."""
 
 
 @dataclass
@@ -64,28 +70,30 @@ def _items(payloads: list[tuple[list[str], Any]]) -> int:
 
 
 class ModelPool:
-    async def __init__(self, args: dict[str, Any]) -> None:
+    """Built by the replica's `__init__` (an event loop is running); `start()` loads the default model."""
+
+    def __init__(self, args: ServeArgs) -> None:
         import mlflow
         import torch
         from mlflow.tracking import MlflowClient
 
         from ray_app.runtime import serve_tracking_uri
 
-        self.args = ServeArgs.model_validate(args)
-        torch.set_num_threads(self.args.torch_threads)
-        mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
-        self.resolver = Resolver(MlflowClient(), ttl_s=self.args.alias_ttl_s)
+        self.args = args
+        torch.set_num_threads(args.torch_threads)
+        mlflow.set_tracking_uri(serve_tracking_uri(args.tracking_uri))
+        self.resolver = Resolver(MlflowClient(), ttl_s=args.alias_ttl_s)
         self.loaded: dict[str, Loaded] = {}
         self.replica = str(serve.get_replica_context().replica_id.unique_id)
 
         async def load(model_id: str) -> Loaded:  # a plain function: the multiplexer keeps its cache on it
             return await self._load(model_id)
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(load)
         # One thread for forward passes: torch's own threads do the parallel work, and two passes at once would
         # only share the same cores. Batching off means one request per pass, for comparison.
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        batch = self.args.batch
+        batch = args.batch
         self.batcher = DrainBatcher(
             self._forward, max_items=batch.max_batch_size if batch.enabled else 1, wait_s=batch.batch_wait_timeout_s
         )
@@ -103,6 +111,9 @@ class ModelPool:
         )
         self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
         self.directory = None
+        self._reporter: asyncio.Task | None = None
+
+    async def start(self) -> None:
         self._reporter = asyncio.create_task(self._report_loop())
         await self._preload_default()
 
@@ -111,7 +122,9 @@ class ModelPool:
         from ray_app.serve.ids import RegistryUnavailable, UnknownModel
 
         try:
-            ref = self.resolver.resolve(parse_model_id(self.args.default_model, self.args.model_name))
+            ref = await asyncio.to_thread(
+                self.resolver.resolve, parse_model_id(self.args.default_model, self.args.model_name)
+            )
             await self.get_model(ref.concrete)
         except (UnknownModel, RegistryUnavailable, ModelLoadError) as exc:
             log.warning("default model %s not loaded at start: %s", self.args.default_model, exc)
@@ -125,10 +138,10 @@ class ModelPool:
             if self.args.backend != "fp32":
                 classifier = await asyncio.to_thread(self._backend_if_accepted, model_id, classifier)
             await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
-        except Exception as exc:  # noqa: BLE001 - any failure to load is reported as this version's, not the replica's
+        except Exception as exc:  # any failure to load is this version's, not the replica's
             self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
-            log.error("loading %s failed: %s", model_id, exc)
-            raise ModelLoadError(model_id, f"{type(exc).__name__}: {exc}") from None
+            log.exception("loading %s failed", model_id)  # the traceback stays in the replica's log
+            raise ModelLoadError(model_id, f"{type(exc).__name__} (the replica's log has the details)") from None
         load_ms = (time.perf_counter() - started) * 1000
         self.m_loads.inc(tags={"model_id": model_id, "outcome": "ok"})
         self.m_load_ms.observe(load_ms)
@@ -171,25 +184,30 @@ class ModelPool:
         log.info("evicted %s", model_id)
         self._report()
 
-    async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
-        """request: {"model_id": NAME/VERSION, "texts": [...]}; the caller also sets it as the multiplexed id, so
-        Serve routes it to a replica that holds that version."""
-        model_id = serve.get_multiplexed_model_id()
-        if request["model_id"] != model_id:
-            raise MixedBatchError(f"request for {request['model_id']!r} was routed as {model_id!r}")
+    async def predict(self, model_id: str, texts: list[str]) -> dict[str, Any]:
+        """Probabilities for `texts` from version `model_id` (NAME/VERSION). Refused at once with `Overloaded` when
+        the queue is full, before anything is loaded or computed."""
+        if self.batcher.queued() + len(texts) > self.args.max_queued_items:
+            raise Overloaded(f"{self.batcher.queued()} items wait for a forward pass in this replica")
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
         loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
-        payload = (request["texts"], loaded)
+        payload = (texts, loaded)
         if self.args.batch.enabled and self.args.batch.mode == "serve_batch":
             probs, batch_items = await self._serve_batch(payload)
         else:
-            probs, batch_items = await self.batcher.submit(model_id, payload, len(request["texts"]))
+            probs, batch_items = await self.batcher.submit(model_id, payload, len(texts))
         return {"model_id": model_id, "labels": loaded.classifier.labels, "probs": probs, "batch_items": batch_items}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_items)
     async def _serve_batch(self, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
-        """Ray's own batching, for comparison only (batch.mode: serve_batch); Serve keeps a batch to one model id."""
-        return await self._forward(serve.get_multiplexed_model_id(), payloads)
+        """Ray's own batching, for comparison only (batch.mode: serve_batch). Called in process, its batches can mix
+        versions (Serve keeps them apart only by a request's multiplexed id), so each version runs on its own."""
+        out: list[tuple[Any, int] | None] = [None] * len(payloads)
+        for model_id in dict.fromkeys(loaded.model_id for _, loaded in payloads):
+            mine = [i for i, (_, loaded) in enumerate(payloads) if loaded.model_id == model_id]
+            for i, result in zip(mine, await self._forward(model_id, [payloads[i] for i in mine]), strict=True):
+                out[i] = result
+        return out
 
     async def _forward(self, model_id: str, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:
         """One forward pass for every item of these requests, all for `model_id` (the batcher keeps them apart)."""
@@ -205,11 +223,8 @@ class ModelPool:
             start += len(request_texts)
         return out
 
-    async def is_loaded(self, model_id: str) -> bool:
+    def is_loaded(self, model_id: str) -> bool:
         return model_id in self.loaded
-
-    async def loaded_models(self) -> dict[str, Any]:
-        return {"replica": self.replica, "models": [m.info() for m in self.loaded.values()]}
 
     def _report(self) -> None:
         """Tell the app's directory what this replica holds (fire and forget: never on the request's path)."""
@@ -227,6 +242,10 @@ class ModelPool:
             await asyncio.sleep(10)
             self._report()
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """The replica stops: the directory forgets it, and the forward thread ends."""
+        if self._reporter is not None:
+            self._reporter.cancel()
         if self.directory is not None:
             self.directory.forget.remote(self.replica)
+        self._forward_thread.shutdown(wait=False)
