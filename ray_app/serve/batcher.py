@@ -2,8 +2,8 @@
 
 Why not `@serve.batch`: in Ray 2.60 it cuts a batch when it is full or `batch_wait_timeout_s` after its first
 request, and never waits for the forward pass that is running. A zero wait gives batches of one or two under load;
-a long wait taxes every request at low load. bench/serve.py measured it buying nothing at concurrency 32 (26.9 vs
-27.2 req/s without it; docs/serving.md). Here one forward pass runs at a time per replica (two would share the same
+a long wait taxes every request at low load (bench/serve.py's numbers are in docs/serving.md: a 20 ms wait doubles
+the concurrency-1 p50). Here one forward pass runs at a time per replica (two would share the same
 cores and the same torch threads), a request that finds the replica idle runs at once, and the requests that
 queued meanwhile go together in the next pass, up to `max_items` items and always for one model id.
 """
