@@ -196,17 +196,25 @@ def sustainable_rate(
 
 
 def run_soak(
-    base: str, headers: dict[str, str], app_name: str, dashboard: str, seconds: float, share: float, conc: int
+    base: str,
+    headers: dict[str, str],
+    app_name: str,
+    dashboard: str,
+    seconds: float,
+    share: float,
+    conc: int,
+    max_rate: float | None = None,
 ) -> dict[str, Any]:
     """Capacity: a closed-loop burst, then the highest open-loop rate below it that the app keeps up with; then the
-    open-loop soak at `share` of that capacity. All with the same texts."""
+    open-loop soak at `share` of that capacity (at most `max_rate`). All with the same texts."""
     texts = items(2048)
     url = f"{base}/predict"
     asyncio.run(capacity(url, headers, texts, min(conc, 4), 3))  # warm connections, batches and caches
     closed = asyncio.run(capacity(url, headers, texts, conc, 8))
     cap, probes = sustainable_rate(url, headers, texts, closed)
     pids = replica_pids(app_name, dashboard)
-    result = asyncio.run(soak(url, headers, texts, share * cap, seconds, pids))
+    rate = share * cap if max_rate is None else min(share * cap, max_rate)
+    result = asyncio.run(soak(url, headers, texts, rate, seconds, pids))
     return {"closed_loop_req_s": closed, "capacity_req_s": cap, "probes": probes, "share": share,
             "concurrency": conc, **result}  # fmt: skip
 

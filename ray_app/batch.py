@@ -27,7 +27,7 @@ import pandas as pd
 
 from ray_app.config import AppConfig, BatchConfig
 from ray_app.errors import AppError
-from ray_app.text import join_text
+from ray_app.text import has_visible_text, join_text
 
 log = logging.getLogger("ray_app")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -214,8 +214,8 @@ def _row_problem(row_id: Any, texts: tuple, id_column: str, text_columns: list[s
     for column, value in zip(text_columns, texts, strict=True):
         if isinstance(value, str) and len(value) > max_chars:
             return "text_too_long", f"{column} has {len(value)} characters; the limit is {max_chars}"
-    if not any(isinstance(v, str) and v.strip() for v in texts):
-        return "empty_text", f"{' and '.join(text_columns)} are all empty"
+    if not any(isinstance(v, str) and has_visible_text(v) for v in texts):
+        return "empty_text", f"{' and '.join(text_columns)} are all empty (or only spaces, controls, zero-width marks)"
     return "", ""
 
 

@@ -22,7 +22,7 @@ from pyarrow import csv as pacsv
 
 from ray_app.config import DataConfig
 from ray_app.errors import AppError
-from ray_app.text import join_text
+from ray_app.text import has_visible_text, join_text
 
 log = logging.getLogger("ray_app")
 SPLITS = ("train", "val", "test")
@@ -83,7 +83,7 @@ def validate_batch(batch: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     reasons[ids.isna() | (ids.astype(str).str.strip() == "")] = "missing_id"
     texts = join_text(batch, cfg.text_columns)
     text = pd.Series(texts, index=batch.index, dtype=object)
-    reasons[(reasons == "") & (text.str.len() == 0)] = "empty_text"
+    reasons[(reasons == "") & ~text.map(has_visible_text)] = "empty_text"
     reasons[(reasons == "") & (text.str.len() > cfg.max_text_chars)] = "text_too_long"
     raw_labels = batch[cfg.label_column]
     labels = raw_labels.map(lambda raw: map_label(raw, cfg))

@@ -57,6 +57,7 @@ def deploy_config(
         tracking_uri=tracking_uri,
         model_name=model_name,
         alias_ttl_s=1,
+        body_timeout_s=3,
         max_items=8,
         torch_threads=1,
         batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},

@@ -3,6 +3,7 @@ canary verdicts."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pandas as pd
@@ -231,3 +232,155 @@ def test_the_app_sheds_overload_itself_before_serve_does():
 def test_a_full_request_always_fits_an_empty_queue():
     with pytest.raises(ValueError, match="exceeds max_queued_items"):
         ServeArgs(max_items=32, max_queued_items=16)
+
+
+class SlowRegistry:
+    """Knows versions 1-3 of "m"; every lookup waits for `gate`, so a test can hold lookups in flight."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate, self.calls = threading.Event(), 0
+
+    def get_model_version(self, name, version):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+        self.calls += 1
+        self.gate.wait(10)
+        if name != "m" or int(version) > 3:
+            raise MlflowException(f"no {name}/{version}", error_code=RESOURCE_DOES_NOT_EXIST)
+        return object()
+
+
+def test_unknown_ids_are_remembered_for_the_ttl_and_a_failed_version_is_asked_again():
+    from ray_app.serve.ids import UnknownModel
+
+    registry, clock = SlowRegistry(), FakeClock()
+    registry.gate.set()
+    resolver = Resolver(registry, ttl_s=5, clock=clock)
+    missing, known = ModelRef("m", version="9"), ModelRef("m", version="2")
+    with pytest.raises(UnknownModel):
+        resolver.resolve(missing)
+    with pytest.raises(UnknownModel):  # from the cache: the registry is not asked again
+        resolver.cached(missing)
+    assert registry.calls == 1
+    clock.now = 5.1
+    assert resolver.cached(missing) is None
+    assert resolver.resolve(known) == known and resolver.cached(known) == known
+    resolver.forget(known)  # its load failed: perhaps deleted
+    assert resolver.cached(known) is None
+
+
+def test_lookups_are_shared_per_id_bounded_and_busy_beyond_the_bound():
+    from ray_app.serve.ids import Lookups, RegistryBusy, UnknownModel
+
+    async def scenario() -> None:
+        registry = SlowRegistry()
+        lookups = Lookups(Resolver(registry, ttl_s=5), threads=2, max_pending=3)
+        same = [asyncio.ensure_future(lookups.resolve(ModelRef("m", version="7"))) for _ in range(20)]
+        others = [asyncio.ensure_future(lookups.resolve(ModelRef("m", version=v))) for v in ("1", "8")]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RegistryBusy):  # 3 ids in flight: a fourth is refused at once
+            await lookups.resolve(ModelRef("m", version="5"))
+        registry.gate.set()
+        results = await asyncio.gather(*same, *others, return_exceptions=True)
+        assert all(isinstance(r, UnknownModel) for r in results[:20]) and registry.calls == 3
+        assert results[20] == ModelRef("m", version="1") and isinstance(results[21], UnknownModel)
+
+    asyncio.run(scenario())
+
+
+def test_an_alias_past_its_ttl_is_served_from_its_last_answer_while_it_refreshes():
+    from ray_app.serve.ids import Lookups
+
+    async def scenario() -> None:
+        registry, clock = CountingRegistry(), FakeClock()
+        resolver = Resolver(registry, ttl_s=5, clock=clock)
+        lookups = Lookups(resolver)
+        ref = ModelRef("m", alias="champion")
+        assert (await lookups.resolve(ref)).version == "1"
+        registry.version, clock.now = "2", 6.0
+        assert (await lookups.resolve(ref)).version == "1"  # stale, and a refresh started
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if resolver.cached(ref) is not None:
+                break
+        assert (await lookups.resolve(ref)).version == "2" and registry.calls == 2
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text", ["\x00\x00", "\u200b\u200b", "\ufeff", " \t\u00a0\u2028", "\u200d\u2060"])
+def test_text_of_only_controls_spaces_and_zero_width_marks_is_empty(text):
+    from ray_app.text import has_visible_text
+
+    assert not has_visible_text(text)
+    assert has_visible_text(text + "a") and has_visible_text("日本") and has_visible_text("🙂")
+
+
+def _run_edge(messages, limits=(100, 0.2, "k"), headers=None, path="/predict"):
+    """Drive EdgeGuard as an ASGI server would: `messages` are the client's body chunks (None: the client stalls)."""
+    from ray_app.serve.edge import EdgeGuard
+
+    seen, sent = {}, []
+
+    async def inner(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        seen["body"] = body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario():
+        queue = list(messages)
+
+        async def receive():
+            if not queue or queue[0] is None:
+                await asyncio.sleep(3600)
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        raw = [(k.encode(), v.encode()) for k, v in (headers if headers is not None else {"x-api-key": "k"}).items()]
+        scope = {"type": "http", "path": path, "headers": raw, "method": "POST"}
+        await EdgeGuard(inner, lambda _: limits)(scope, receive, send)
+
+    asyncio.run(scenario())
+    status = sent[0]["status"]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return status, (body if status == 200 else __import__("json").loads(body)), seen.get("body")
+
+
+def _chunk(data: bytes, more: bool = True) -> dict:
+    return {"type": "http.request", "body": data, "more_body": more}
+
+
+def test_edge_passes_a_body_within_the_limit_through_whole():
+    status, _, body = _run_edge([_chunk(b"a" * 60), _chunk(b"b" * 40, more=False)])
+    assert status == 200 and body == b"a" * 60 + b"b" * 40
+
+
+def test_edge_refuses_a_chunked_body_over_the_limit_as_it_arrives():
+    status, answer, body = _run_edge([_chunk(b"a" * 60), _chunk(b"b" * 60), None])
+    assert (status, answer["error"]) == (413, "request_too_large") and body is None
+
+
+def test_edge_refuses_a_declared_length_over_the_limit_without_reading():
+    headers = {"x-api-key": "k", "content-length": "5000"}
+    status, answer, _ = _run_edge([None], headers=headers)
+    assert (status, answer["error"]) == (413, "request_too_large")
+
+
+def test_edge_answers_408_when_the_body_stalls():
+    status, answer, _ = _run_edge([_chunk(b"a" * 10), None])
+    assert (status, answer["error"]) == (408, "request_timeout")
+
+
+def test_edge_wants_the_api_key_everywhere_but_health():
+    assert _run_edge([_chunk(b"", more=False)], headers={})[1]["error"] == "unauthorized"
+    assert _run_edge([_chunk(b"", more=False)], headers={"authorization": "Bearer k"})[0] == 200
+    assert _run_edge([_chunk(b"", more=False)], headers={}, path="/health")[0] == 200

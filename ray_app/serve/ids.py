@@ -5,6 +5,7 @@ Ids are parsed against a strict grammar and only ever used as registry keys, nev
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ def parse_model_id(text: str, default_name: str) -> ModelRef:
 class Resolver:
     """Alias -> version through the MLflow registry, cached for `ttl_s` so a promotion shows within seconds.
 
-    Concrete versions are checked once and cached for good: a version number never changes meaning.
+    Concrete versions are checked once and cached until a load of theirs fails (`forget`): a version number never
+    changes meaning, but it can be deleted. Ids the registry does not know are cached as unknown for `ttl_s` too, so
+    a flood of them is answered without asking again.
     """
 
     def __init__(self, client, ttl_s: float, clock=time.monotonic) -> None:
@@ -73,13 +76,27 @@ class Resolver:
         self._clock = clock
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
         self._known: set[tuple[str, str]] = set()
+        self._unknown: dict[ModelRef, float] = {}
 
     def cached(self, ref: ModelRef) -> ModelRef | None:
-        """The answer without asking the registry, when it is known and fresh; None when `resolve` must ask."""
+        """The answer without asking the registry, when it is known and fresh; None when `resolve` must ask.
+        Raises UnknownModel for an id the registry said it does not have, within `ttl_s` of saying so."""
+        if self._unknown.get(ref, 0.0) > self._clock():
+            raise UnknownModel(f"model {ref} is not in the registry")
         if ref.alias is not None:
             hit = self._aliases.get((ref.name, ref.alias))
             return ModelRef(ref.name, version=hit[0], alias=ref.alias) if hit and hit[1] > self._clock() else None
         return ref if (ref.name, ref.version) in self._known else None
+
+    def stale(self, ref: ModelRef) -> ModelRef | None:
+        """An alias's last answer even past its TTL: served while a refresh runs, so known traffic never waits."""
+        hit = self._aliases.get((ref.name, ref.alias)) if ref.alias is not None else None
+        return ModelRef(ref.name, version=hit[0], alias=ref.alias) if hit else None
+
+    def forget(self, ref: ModelRef) -> None:
+        """The version failed to load: ask the registry again next time (it may have been deleted: then 404)."""
+        if ref.version is not None:
+            self._known.discard((ref.name, ref.version))
 
     def resolve(self, ref: ModelRef) -> ModelRef:
         from mlflow.exceptions import MlflowException
@@ -93,6 +110,12 @@ class Resolver:
             return ref
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                self._unknown[ref] = self._clock() + self._ttl
+                if ref.alias is not None:  # the alias was removed: its last answer must not be served any more
+                    self._aliases.pop((ref.name, ref.alias), None)
+                if len(self._unknown) > 10_000:  # bounded: drop what has expired
+                    now = self._clock()
+                    self._unknown = {k: t for k, t in self._unknown.items() if t > now}
                 raise UnknownModel(f"model {ref} is not in the registry") from None
             raise RegistryUnavailable(f"the model registry could not resolve {ref}: {exc.error_code}") from None
         except OSError as exc:
@@ -106,3 +129,40 @@ class Resolver:
         version = str(self._client.get_model_version_by_alias(name, alias).version)
         self._aliases[(name, alias)] = (version, now + self._ttl)
         return version
+
+
+class RegistryBusy(RuntimeError):
+    """More registry lookups are in flight or waiting in this replica than it allows (503, retry later)."""
+
+
+class Lookups:
+    """Registry lookups off the event loop, bounded and shared: one lookup per id however many requests ask for it
+    at once, at most `threads` at a time, and at most `max_pending` ids in flight or waiting (beyond that, at once,
+    `RegistryBusy`). A flood of unknown ids then costs a bounded share of the registry and never the known traffic,
+    which is answered from the cache (an alias past its TTL from its last answer, refreshed in the background)."""
+
+    def __init__(self, resolver: Resolver, threads: int = 2, max_pending: int = 8) -> None:
+        import concurrent.futures
+
+        self.resolver, self.max_pending = resolver, max_pending
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="registry")
+        self._pending: dict[ModelRef, asyncio.Future] = {}
+
+    async def resolve(self, ref: ModelRef) -> ModelRef:
+        hit = self.resolver.cached(ref)  # raises UnknownModel for a recent miss
+        if hit is not None:
+            return hit
+        stale = self.resolver.stale(ref)
+        if stale is not None:
+            if ref not in self._pending and len(self._pending) < self.max_pending:
+                self._start(ref).add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, not raised
+            return stale
+        return await asyncio.shield(self._pending.get(ref) or self._start(ref))
+
+    def _start(self, ref: ModelRef) -> asyncio.Future:
+        if len(self._pending) >= self.max_pending:
+            raise RegistryBusy(f"{len(self._pending)} registry lookups are in flight in this replica")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self.resolver.resolve, ref)
+        self._pending[ref] = future
+        future.add_done_callback(lambda _: self._pending.pop(ref, None))
+        return future

@@ -6,7 +6,6 @@ No `from __future__ import annotations`: FastAPI reads the route methods' annota
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,10 +20,13 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_app.serve.edge import EdgeGuard, error_body
 from ray_app.serve.ids import (
     SCHEMA_PATTERN,
     BadModelId,
+    Lookups,
     ModelRef,
+    RegistryBusy,
     RegistryUnavailable,
     Resolver,
     UnknownModel,
@@ -34,7 +36,7 @@ from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.pool import ModelLoadError, ModelPool, Overloaded
 from ray_app.serve.predlog import PredictionLog, text_fields
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
-from ray_app.text import join_parts
+from ray_app.text import has_visible_text, join_parts
 
 log = logging.getLogger("ray.serve")
 MODEL_HEADER = "serve_multiplexed_model_id"
@@ -122,10 +124,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def error_body(code: str, detail: Any) -> dict[str, Any]:
-    return {"error": code, "detail": detail}
-
-
 api = FastAPI(
     title="ray_app classifier",
     description="Tags ML projects (NLP, computer vision, MLOps, other) with any registered model version.",
@@ -157,24 +155,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal_error", type(exc).__name__), status_code=500)
 
 
-@api.middleware("http")
-async def _guard_request(request: Request, call_next):
-    """Body size and API key, before FastAPI reads or parses anything."""
-    state = request.app.state
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > getattr(state, "max_body_bytes", 1_000_000):
-        return JSONResponse(
-            error_body("request_too_large", f"body of {size} bytes exceeds {state.max_body_bytes}"), status_code=413
-        )
-    key = getattr(state, "api_key", None)
-    if key and not request.url.path.endswith("/health"):
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            return JSONResponse(
-                error_body("unauthorized", "missing or wrong API key: send it in the X-API-Key header"),
-                status_code=401,
-            )
-    return await call_next(request)
+def _edge_limits(scope) -> tuple[int, float, str | None]:
+    """From the serving app's own state (`scope["app"]`): the replica runs a copy of `api` that Serve unpickled,
+    and its constructor sets the limits there."""
+    state = scope["app"].state
+    return (
+        getattr(state, "max_body_bytes", 1_000_000),
+        getattr(state, "body_timeout_s", 10.0),
+        getattr(state, "api_key", None),
+    )
+
+
+api.add_middleware(EdgeGuard, limits=_edge_limits)
 
 
 @serve.ingress(api)
@@ -188,10 +180,12 @@ class Ingress:
         self.args = ServeArgs.model_validate(args)
         self.pool = ModelPool(self.args)
         api.state.max_body_bytes = self.args.max_body_bytes
+        api.state.body_timeout_s = self.args.body_timeout_s
         api.state.api_key = secret_from_env(self.args.api_key_env)
         mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
         self.client = MlflowClient()
         self.resolver = Resolver(self.client, ttl_s=self.args.alias_ttl_s)
+        self.lookups = Lookups(self.resolver)
         self.policy = TrafficPolicy()
         self.guard = Guard(self.policy.guard)
         self.log = PredictionLog(self.args.prediction_log)
@@ -317,20 +311,27 @@ class Ingress:
                     raise ApiError(
                         422, "invalid_text", f"items[{i}].{name} is not valid Unicode text (it has a lone surrogate)"
                     )
-            if not (item.title.strip() or item.description.strip()):
-                raise ApiError(422, "empty_text", f"items[{i}] has no text: title and description are both empty")
+            if not (has_visible_text(item.title) or has_visible_text(item.description)):
+                raise ApiError(
+                    422,
+                    "empty_text",
+                    f"items[{i}] has no text: title and description are empty or only spaces, controls or "
+                    "zero-width characters",
+                )
         return items
 
     async def _resolve(self, model_id: str) -> ModelRef:
-        """From the resolver's cache when it has the answer; otherwise the registry is asked in a thread, so a slow
-        or unreachable MLflow (its client retries for minutes) never stalls the replica's event loop."""
+        """From the resolver's cache when it has the answer; otherwise the registry is asked in a thread of its own
+        (`Lookups`: bounded, one lookup per id), so a slow or unreachable MLflow (its client retries for minutes)
+        or a flood of unknown ids never stalls the replica's event loop or the known traffic."""
         try:
-            ref = parse_model_id(model_id, self.args.model_name)
-            return self.resolver.cached(ref) or await asyncio.to_thread(self.resolver.resolve, ref)
+            return await self.lookups.resolve(parse_model_id(model_id, self.args.model_name))
         except BadModelId as exc:
             raise ApiError(422, "bad_model_id", str(exc)) from None
         except UnknownModel as exc:
             raise ApiError(404, "unknown_model", str(exc)) from None
+        except RegistryBusy as exc:
+            raise ApiError(503, "registry_busy", str(exc), {"Retry-After": str(self.args.retry_after_s)}) from None
         except RegistryUnavailable as exc:
             raise ApiError(503, "registry_unavailable", str(exc), {"Retry-After": "5"}) from None
 
@@ -345,6 +346,7 @@ class Ingress:
                 {"Retry-After": str(self.args.retry_after_s)},
             ) from None
         except ModelLoadError as exc:
+            self.resolver.forget(ref)  # deleted from the registry, perhaps: the next request asks it again (404)
             raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "30"}) from None
         except Exception as exc:  # a server fault still answers JSON, and counts against the version
             log.exception("prediction with %s failed", ref.concrete)

@@ -66,7 +66,12 @@ class ServeArgs(_Strict):
     max_models_per_replica: int = Field(3, ge=1)
     max_items: int = Field(32, ge=1, description="Most items in one /predict request.")
     max_text_chars: int = Field(2000, ge=1, description="Most characters in one title or description.")
-    max_body_bytes: int = Field(1_000_000, ge=1_000, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1_000, description="Larger request bodies get 413, counted as they arrive (chunked too)."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="A body that has not fully arrived this long after the request started gets 408."
+    )
     text_columns: list[str] = Field(default_factory=lambda: ["title", "description"], min_length=1)
     torch_threads: int = Field(2, ge=1, description="Torch threads per replica.")
     max_queued_items: int = Field(
