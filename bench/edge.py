@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--model", default="projects-classifier@champion", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--flood-rate", type=float, default=50, help="Requests per second naming unknown versions")
+    p.add_argument("--backend", default="fp32", help="The app's backend (ray_app/backends.py)")
     args = p.parse_args()
 
     import ray
@@ -139,7 +140,7 @@ def main() -> None:
         name, _, ref = args.model.partition("@")
         sargs = ServeArgs(
             tracking_uri=args.tracking_uri, model_name=name, default_model=f"@{ref}" if ref else args.model,
-            api_key_env=None,
+            api_key_env=None, backend=args.backend,
         )  # fmt: skip
         serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
         base = f"http://127.0.0.1:{port}"

@@ -36,8 +36,10 @@ P99_TARGET_MS = 100.0
 # (before ray reads its settings).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Closed-loop cells measure throughput, not shedding: 32 clients x 32 items all fit in the app's queue (the shipped
-# max_queued_items of 256 would refuse most 32-item requests at concurrency 32, as it should in production).
+# max_queued_items of 256 and max_queue_wait_s of 1 s would refuse most 32-item requests at concurrency 32, as they
+# should in production; bench/edge.py measures that).
 QUEUE_ALL = 2048
+QUEUE_WAIT_ALL = 3600.0
 
 
 def texts(n: int) -> list[dict[str, str]]:
@@ -324,6 +326,7 @@ def multiplexing(args, items, port: int, metrics_url: str) -> dict[str, Any]:
         max_models_per_replica=2,
         batch={"max_batch_size": 32, "batch_wait_timeout_s": args.batch_wait},
         max_queued_items=QUEUE_ALL,
+        max_queue_wait_s=QUEUE_WAIT_ALL,
         api_key_env=None,
     )
     serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
@@ -399,6 +402,7 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
                 default_model=f"@{ref}" if ref else args.model,
                 batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait, "mode": mode},
                 max_queued_items=QUEUE_ALL,
+                max_queue_wait_s=QUEUE_WAIT_ALL,
                 api_key_env=None,
                 backend=backend,
                 backend_max_f1_drop=args.max_f1_drop,

@@ -384,3 +384,24 @@ def test_edge_wants_the_api_key_everywhere_but_health():
     assert _run_edge([_chunk(b"", more=False)], headers={})[1]["error"] == "unauthorized"
     assert _run_edge([_chunk(b"", more=False)], headers={"authorization": "Bearer k"})[0] == 200
     assert _run_edge([_chunk(b"", more=False)], headers={}, path="/health")[0] == 200
+
+
+def test_new_ids_are_looked_up_at_a_bounded_rate():
+    from ray_app.serve.ids import Lookups, RegistryBusy, UnknownModel
+
+    async def scenario() -> None:
+        registry, clock = SlowRegistry(), FakeClock()
+        registry.gate.set()
+        lookups = Lookups(Resolver(registry, ttl_s=5, clock=clock), per_s=2, clock=clock)
+        for v in ("11", "12"):
+            with pytest.raises(UnknownModel):
+                await lookups.resolve(ModelRef("m", version=v))
+        with pytest.raises(RegistryBusy):  # a third new id in the same second
+            await lookups.resolve(ModelRef("m", version="13"))
+        with pytest.raises(UnknownModel):  # a known miss is answered from the cache, outside the rate
+            await lookups.resolve(ModelRef("m", version="11"))
+        clock.now = 1.0
+        assert await lookups.resolve(ModelRef("m", version="1")) == ModelRef("m", version="1")
+        assert registry.calls == 3
+
+    asyncio.run(scenario())

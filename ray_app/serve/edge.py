@@ -37,10 +37,16 @@ async def send_json(send: Send, status: int, body: dict[str, Any], headers: dict
 
 class EdgeGuard:
     """`limits(scope)` returns (max_body_bytes, body_timeout_s, api_key or None): read per request, since the
-    replica sets them in its constructor after the app object exists."""
+    replica sets them in its constructor after the app object exists. `shed(scope)` returns why the request must be
+    refused now (503, before its body is read: the cheapest refusal there is), or None."""
 
-    def __init__(self, app: ASGIApp, limits: Callable[[Scope], tuple[int, float, str | None]]) -> None:
-        self.app, self.limits = app, limits
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: Callable[[Scope], tuple[int, float, str | None]],
+        shed: Callable[[Scope], tuple[str, int] | None] = lambda scope: None,
+    ) -> None:
+        self.app, self.limits, self.shed = app, limits, shed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,6 +59,9 @@ class EdgeGuard:
                 return await send_json(
                     send, 401, error_body("unauthorized", "missing or wrong API key: send it in the X-API-Key header")
                 )
+        if refused := self.shed(scope):
+            reason, retry_after = refused
+            return await send_json(send, 503, error_body("overloaded", reason), {"Retry-After": str(retry_after)})
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > max_bytes:
             return await send_json(

@@ -137,16 +137,21 @@ class RegistryBusy(RuntimeError):
 
 class Lookups:
     """Registry lookups off the event loop, bounded and shared: one lookup per id however many requests ask for it
-    at once, at most `threads` at a time, and at most `max_pending` ids in flight or waiting (beyond that, at once,
-    `RegistryBusy`). A flood of unknown ids then costs a bounded share of the registry and never the known traffic,
-    which is answered from the cache (an alias past its TTL from its last answer, refreshed in the background)."""
+    at once, at most `threads` at a time, at most `max_pending` ids in flight or waiting, and at most `per_s` new
+    ids asked about per second (a token bucket); beyond either bound, at once, `RegistryBusy`. A flood of unknown
+    ids then costs a bounded share of the registry (and of the CPU it shares with the replicas) and never the known
+    traffic, which is answered from the cache (an alias past its TTL from its last answer, refreshed in the
+    background, outside the rate)."""
 
-    def __init__(self, resolver: Resolver, threads: int = 2, max_pending: int = 8) -> None:
+    def __init__(
+        self, resolver: Resolver, threads: int = 2, max_pending: int = 8, per_s: float = 10.0, clock=time.monotonic
+    ) -> None:
         import concurrent.futures
 
-        self.resolver, self.max_pending = resolver, max_pending
+        self.resolver, self.max_pending, self.per_s, self._clock = resolver, max_pending, per_s, clock
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="registry")
         self._pending: dict[ModelRef, asyncio.Future] = {}
+        self._tokens, self._filled_at = per_s, clock()
 
     async def resolve(self, ref: ModelRef) -> ModelRef:
         hit = self.resolver.cached(ref)  # raises UnknownModel for a recent miss
@@ -157,7 +162,19 @@ class Lookups:
             if ref not in self._pending and len(self._pending) < self.max_pending:
                 self._start(ref).add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, not raised
             return stale
-        return await asyncio.shield(self._pending.get(ref) or self._start(ref))
+        pending = self._pending.get(ref)
+        if pending is None:
+            self._take_token()
+            pending = self._start(ref)
+        return await asyncio.shield(pending)
+
+    def _take_token(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.per_s, self._tokens + (now - self._filled_at) * self.per_s)
+        self._filled_at = now
+        if self._tokens < 1:
+            raise RegistryBusy(f"more than {self.per_s:g} new model ids a second are being looked up in this replica")
+        self._tokens -= 1
 
     def _start(self, ref: ModelRef) -> asyncio.Future:
         if len(self._pending) >= self.max_pending:

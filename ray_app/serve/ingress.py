@@ -166,7 +166,18 @@ def _edge_limits(scope) -> tuple[int, float, str | None]:
     )
 
 
-api.add_middleware(EdgeGuard, limits=_edge_limits)
+def _shed(scope) -> tuple[str, int] | None:
+    """A prediction that would only wait too long is refused before its body is read, so refusals stay fast when
+    the replica is busiest; the pool checks again, with the request's item count, before it queues it."""
+    state = scope["app"].state
+    pool = getattr(state, "pool", None)
+    if pool is None or scope.get("method") != "POST" or not scope.get("path", "").endswith("/predict"):
+        return None
+    reason = pool.overloaded()
+    return (f"{reason}; retry after the Retry-After seconds", state.retry_after_s) if reason else None
+
+
+api.add_middleware(EdgeGuard, limits=_edge_limits, shed=_shed)
 
 
 @serve.ingress(api)
@@ -181,6 +192,8 @@ class Ingress:
         self.pool = ModelPool(self.args)
         api.state.max_body_bytes = self.args.max_body_bytes
         api.state.body_timeout_s = self.args.body_timeout_s
+        api.state.retry_after_s = self.args.retry_after_s
+        api.state.pool = self.pool
         api.state.api_key = secret_from_env(self.args.api_key_env)
         mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
         self.client = MlflowClient()

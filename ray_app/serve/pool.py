@@ -5,7 +5,7 @@ batcher.py says why not `@serve.batch`).
 The pool lives inside the app's one deployment, beside the HTTP routes (ingress.py), not in a deployment of its own:
 a handle call to a second deployment cost about 3 ms of CPU and 14 ms of latency per request on 2 cores, more than
 everything else Serve does (docs/serving.md has the profile). It sheds load itself, at once and in JSON, when more
-items wait than `max_queued_items`.
+items wait than `max_queued_items` or than it clears in `max_queue_wait_s`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
 
 
 class Overloaded(RuntimeError):
-    """More items wait for a forward pass in this replica than `max_queued_items`: refused now, not queued."""
+    """More items wait for a forward pass in this replica than it may queue: refused now, not queued."""
 
 
 class ModelLoadError(RuntimeError):
@@ -112,6 +112,7 @@ class ModelPool:
         self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
         self.directory = None
         self._reporter: asyncio.Task | None = None
+        self._items_per_s = 0.0  # of recent forward passes (a moving average): what a queued item waits for
 
     async def start(self) -> None:
         self._reporter = asyncio.create_task(self._report_loop())
@@ -184,11 +185,22 @@ class ModelPool:
         log.info("evicted %s", model_id)
         self._report()
 
+    def overloaded(self, items: int = 0) -> str | None:
+        """Why a request of `items` more would wait too long, or None. Two bounds: the items already waiting
+        (`max_queued_items`, memory) and the seconds they take at the rate recent passes ran (`max_queue_wait_s`,
+        latency, so the bound follows the backend: onnx-int8 clears 5x the items fp32 does in the same second)."""
+        queued = self.batcher.queued()
+        if queued + items > self.args.max_queued_items:
+            return f"{queued} items wait for a forward pass in this replica (at most {self.args.max_queued_items})"
+        if self._items_per_s and queued and (wait := (queued + items) / self._items_per_s) > self.args.max_queue_wait_s:
+            return f"{queued} items wait, about {wait:.1f} s of work (at most {self.args.max_queue_wait_s:g} s)"
+        return None
+
     async def predict(self, model_id: str, texts: list[str]) -> dict[str, Any]:
         """Probabilities for `texts` from version `model_id` (NAME/VERSION). Refused at once with `Overloaded` when
         the queue is full, before anything is loaded or computed."""
-        if self.batcher.queued() + len(texts) > self.args.max_queued_items:
-            raise Overloaded(f"{self.batcher.queued()} items wait for a forward pass in this replica")
+        if reason := self.overloaded(len(texts)):
+            raise Overloaded(reason)
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
         loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
         payload = (texts, loaded)
@@ -216,7 +228,10 @@ class ModelPool:
         self.m_batch.observe(len(texts), tags={"model_id": model_id})
         loop = asyncio.get_running_loop()
         chunk = min(len(texts), self.args.batch.chunk_items)
+        started = time.perf_counter()
         probs = await loop.run_in_executor(self._forward_thread, classifier.predict_proba, texts, chunk)
+        rate = len(texts) / max(time.perf_counter() - started, 1e-6)
+        self._items_per_s = rate if not self._items_per_s else 0.8 * self._items_per_s + 0.2 * rate
         out, start = [], 0
         for request_texts, _ in payloads:
             out.append((probs[start : start + len(request_texts)], len(texts)))

@@ -78,7 +78,13 @@ class ServeArgs(_Strict):
         256,
         ge=1,
         description="Items that may wait for a forward pass in one replica; a request beyond them is refused at once "
-        "with a JSON 503 `overloaded` and Retry-After (256: about 5 s of work at fp32 on 2 cores, 1 s at onnx-int8).",
+        "with a JSON 503 `overloaded` and Retry-After.",
+    )
+    max_queue_wait_s: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds of work (at the rate of recent forward passes) that may wait in one replica; a request "
+        "beyond them gets the same 503. This bound is what keeps admitted requests fast under overload.",
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     prediction_log: PredictionLogSettings = Field(default_factory=PredictionLogSettings)
