@@ -86,14 +86,21 @@ def read_labels(path: Path) -> pd.DataFrame:
 
 def join_labels(labels: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
     """Each label beside the logged answer to its (request id, item); `matched` is False where the log has none.
-    A request logged on several routes (primary and shadow) keeps its primary row."""
+    A request logged on several routes (primary and shadow) keeps its primary row. A request id the caller reused
+    for several requests names no single answer: those labels are `ambiguous` (and not matched), never joined to
+    whichever request came first."""
     served = log[log["status"] == 200].copy()
+    key = served["served_id"] if "served_id" in served.columns else pd.Series(None, index=served.index)
+    served["_key"] = key.fillna(served["request_id"])  # files from before served_id: the request id was the key
     served["_shadow"] = served["route"] == "shadow"
-    served = served.sort_values("_shadow", kind="stable").drop_duplicates(["request_id", "item"], keep="first")
-    served = served.drop(columns="_shadow").rename(columns={"label": "predicted_label"})
+    served = served.sort_values("_shadow", kind="stable").drop_duplicates(["_key", "item"], keep="first")
+    served["ambiguous"] = served.groupby(["request_id", "item"])["_key"].transform("nunique") > 1
+    served = served.drop_duplicates(["request_id", "item"], keep="first").drop(columns=["_shadow", "_key"])
+    served = served.rename(columns={"label": "predicted_label"})
     served["item"] = served["item"].astype(int)
     joined = labels.merge(served, on=["request_id", "item"], how="left", indicator=True)
-    joined["matched"] = joined.pop("_merge") == "both"
+    joined["ambiguous"] = joined["ambiguous"].astype("boolean").fillna(False).astype(bool)
+    joined["matched"] = (joined.pop("_merge") == "both") & ~joined["ambiguous"]
     return joined
 
 
@@ -103,7 +110,8 @@ def store_rows(joined: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dic
     from ray_app.data import validate_batch
 
     reasons = pd.Series("", index=joined.index, dtype=object)
-    reasons[~joined["matched"]] = "unknown_request"
+    reasons[joined["ambiguous"]] = "ambiguous_request_id"  # a reused X-Request-Id: which answer is unknown
+    reasons[(reasons == "") & ~joined["matched"]] = "unknown_request"
     reasons[(reasons == "") & joined["text"].isna()] = "text_not_logged"  # the log ran with store_text: false
     ids = "fb-" + joined["request_id"].astype(str) + "-" + joined["item"].astype(str)
     raw = as_training_frame(ids, joined["text"].fillna(""), joined["label"], cfg)

@@ -39,6 +39,7 @@ from ray_app.feedback import filesystem
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
 from ray_app.registry import load_classifier
 from ray_app.serve.predlog import PREFIX as LOG_PREFIX
+from ray_app.serve.predlog import SCHEMA as LOG_SCHEMA
 from ray_app.text import join_text
 
 log = logging.getLogger("ray_app")
@@ -178,7 +179,8 @@ def read_log(uri: str, where=None) -> pd.DataFrame:
             "monitor.log_uri at serve_config.yaml's prediction_log.uri and send traffic first"
         )
     try:
-        ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"])
+        # the log's schema, so files written before a column existed (served_id) read beside newer ones
+        ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"], schema=LOG_SCHEMA)
         if where is not None:  # an Expr: its truth value is not a plain bool
             ds = ds.filter(expr=where)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]

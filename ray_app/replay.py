@@ -7,6 +7,7 @@ label) for `ray-app monitor --labels` and `ray-app feedback`: the request ids ar
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -66,7 +67,8 @@ def replay(cfg: AppConfig, url: str, labels_out: Path, api_key: str | None, conc
     """Replay every test row once, `concurrency` at a time, and write `request_id,item,label` for the rows sent."""
     version, rows = champion_rows(cfg)
     columns = cfg.data.text_columns
-    ids = [f"replay-{version}-{i}" for i in range(len(rows))]
+    run = uuid.uuid4().hex[:8]  # a second replay of the same version must not reuse the first one's request ids
+    ids = [f"replay-{version}-{run}-{i}" for i in range(len(rows))]
     bodies = rows[columns].astype(str).to_dict("records")
     base = {"x-api-key": api_key} if api_key else {}
     with requests.Session() as session, ThreadPoolExecutor(concurrency) as pool:

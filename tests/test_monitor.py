@@ -56,6 +56,28 @@ def test_labels_file_mistakes_get_one_clear_error(tmp_path: Path) -> None:
     assert read_labels(labels).to_dict("list") == expected
 
 
+def test_a_reused_request_id_is_ambiguous_not_joined_to_the_first_answer() -> None:
+    """Two requests sent with the same X-Request-Id are two served ids in the log: their label names neither, so it
+    is left out and counted; a request's shadow row (same served id) is not a second answer."""
+    from ray_app.config import DataConfig
+    from ray_app.feedback import join_labels, store_rows
+
+    def served(request_id, served_id, route="primary", label="mlops"):
+        return {"request_id": request_id, "served_id": served_id, "item": 0, "route": route, "status": 200,
+                "label": label, "text": f"text of {served_id}", "model_name": "m", "model_version": "1"}  # fmt: skip
+
+    log = pd.DataFrame(
+        [served("once", "s1"), served("once", "s1", route="shadow", label="other"), served("twice", "s2"),
+         served("twice", "s3", label="other")]
+    )  # fmt: skip
+    labels = pd.DataFrame({"request_id": ["once", "twice"], "item": [0, 0], "label": ["mlops", "mlops"]})
+    joined = join_labels(labels, log)
+    assert joined["matched"].tolist() == [True, False] and joined["ambiguous"].tolist() == [False, True]
+    assert joined.loc[0, "predicted_label"] == "mlops"  # the primary answer, not the shadow's
+    _, bad = store_rows(joined, DataConfig())
+    assert bad == {"ambiguous_request_id": 1}
+
+
 def test_missing_prediction_log_is_named(tmp_path: Path) -> None:
     with pytest.raises(AppError, match=rf"prediction log {tmp_path}/absent has no prediction files"):
         read_log(str(tmp_path / "absent"))
@@ -104,8 +126,8 @@ def write_log(directory: Path, m: dict, rows: pd.DataFrame, store_text: bool = T
 
     def row(i: int, **changes) -> dict:
         base = {
-            "request_id": ids[i], "item": 0, "timestamp": now - 1000 + i, "route": "primary", "model_name": name,
-            "model_version": version, "status": 200, "error": None, "latency_ms": 12.0,
+            "request_id": ids[i], "served_id": ids[i], "item": 0, "timestamp": now - 1000 + i, "route": "primary",
+            "model_name": name, "model_version": version, "status": 200, "error": None, "latency_ms": 12.0,
             **text_fields(texts[i], store_text), "label": clf.labels[int(probs[i].argmax())],
             "confidence": float(probs[i].max()),
             "probabilities": json.dumps(dict(zip(clf.labels, probs[i].tolist(), strict=True))),

@@ -417,7 +417,18 @@ def test_prediction_log_reads_back_with_ray_data(app):
     ds = ray.data.read_parquet(log_dir, file_extensions=["parquet"])
     rows = ds.filter(lambda r: r["request_id"] == "raydata-1").take_all()
     assert rows and rows[0]["text"] == "logged row. for ray data" and rows[0]["status"] == 200
-    assert {"model_version", "label", "confidence", "probabilities", "latency_ms", "route"} <= set(rows[0])
+    assert {"model_version", "label", "confidence", "probabilities", "latency_ms", "route", "served_id"} <= set(rows[0])
+
+
+def test_a_reused_request_id_is_two_requests_in_the_log(app):
+    """The caller's X-Request-Id is echoed and logged as given; the log's key (served_id) is the app's own, so two
+    requests with one id stay two (the feedback join then refuses to pick one: tests/test_monitor.py)."""
+    for title in ("first of two", "second of two"):
+        assert answer(app, {"title": title}, {"X-Request-Id": "reused-1"}).json()["request_id"] == "reused-1"
+    log_dir = str(app["conf"]["log_dir"])
+    wait_until(lambda: (read_log(log_dir)["request_id"] == "reused-1").sum() >= 2, 30, "both rows in the log")
+    rows = read_log(log_dir).query("request_id == 'reused-1'")
+    assert rows["served_id"].nunique() == 2 and set(rows["text"]) == {"first of two", "second of two"}
 
 
 def test_replay_sends_the_champions_test_rows_and_writes_their_labels(app, tmp_path):

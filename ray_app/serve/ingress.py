@@ -272,6 +272,7 @@ class Ingress:
     async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        served_id = uuid.uuid4().hex  # the log's key: unique even when a caller reuses its request id
         items = self._check_limits(body.all_items())
         named = request.headers.get(MODEL_HEADER) or body.model
         if named:
@@ -284,14 +285,14 @@ class Ingress:
         try:
             result = await self._call_pool(ref, texts)
         except ApiError as err:
-            self._record(ref, route.route, err.status, started, request_id, texts, None, err.code)
+            self._record(ref, route.route, err.status, started, (request_id, served_id), texts, None, err.code)
             raise
-        ms = self._record(ref, route.route, 200, started, request_id, texts, result, None)
+        ms = self._record(ref, route.route, 200, started, (request_id, served_id), texts, result, None)
         if route.route == "canary" and (reason := self.guard.record(True, ms)):
             self.m_canary_out.inc()
             log.warning("canary %s taken out: %s", ref, reason)
         if route.shadow:
-            task = asyncio.create_task(self._shadow(route.shadow, texts, request_id))
+            task = asyncio.create_task(self._shadow(route.shadow, texts, (request_id, served_id)))
             self._shadows.add(task)  # keep a reference until it is done, or the loop may drop it
             task.add_done_callback(self._shadows.discard)
         return PredictResponse(
@@ -371,7 +372,7 @@ class Ingress:
         route: str,
         status: int,
         started: float,
-        request_id: str,
+        ids: tuple[str, str],
         texts: list[str],
         result: dict[str, Any] | None,
         error: str | None,
@@ -383,15 +384,18 @@ class Ingress:
         if route == "canary" and status >= 500 and (reason := self.guard.record(False, ms)):
             self.m_canary_out.inc()
             log.warning("canary %s taken out: %s", ref, reason)
-        self.log.add(self._log_rows(ref, route, status, ms, request_id, texts, result, error))
+        self.log.add(self._log_rows(ref, route, status, ms, ids, texts, result, error))
         return ms
 
-    def _log_rows(self, ref, route, status, ms, request_id, texts, result, error) -> list[dict[str, Any]]:
+    def _log_rows(self, ref, route, status, ms, ids, texts, result, error) -> list[dict[str, Any]]:
+        """One row per item; `ids` is (the caller's request id, this request's unique served id)."""
+        request_id, served_id = ids
         now = time.time() * 1000
         rows = []
         for i, text in enumerate(texts):
             row = {
                 "request_id": request_id,
+                "served_id": served_id,
                 "item": i,
                 "timestamp": int(now),
                 "route": route,
@@ -415,13 +419,13 @@ class Ingress:
             rows.append(row)
         return rows
 
-    async def _shadow(self, model_id: str, texts: list[str], request_id: str) -> None:
+    async def _shadow(self, model_id: str, texts: list[str], ids: tuple[str, str]) -> None:
         """The shadow model's answer goes to the log only; its failures never reach the caller."""
         started = time.perf_counter()
         try:
             ref = await self._resolve(model_id)
             result = await self._call_pool(ref, texts)
-            self._record(ref, SHADOW, 200, started, request_id, texts, result, None)
+            self._record(ref, SHADOW, 200, started, ids, texts, result, None)
         except ApiError as err:
             log.warning("shadow %s failed: %s", model_id, err.detail)
         except Exception as exc:  # noqa: BLE001 - the caller already has its answer; the shadow must not crash anything

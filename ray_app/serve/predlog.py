@@ -23,7 +23,8 @@ from ray_app.serve.settings import PredictionLogSettings
 log = logging.getLogger("ray.serve")
 SCHEMA = pa.schema(
     [
-        ("request_id", pa.string()),
+        ("request_id", pa.string()),  # the caller's X-Request-Id (or Serve's): a reuse is the caller's to explain
+        ("served_id", pa.string()),  # unique per request served (its shadow row shares it): the log's own key
         ("item", pa.int32()),
         ("timestamp", pa.timestamp("ms", tz="UTC")),
         ("route", pa.string()),

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 
 from ray_app.config import CanaryConfig
 from ray_app.errors import AppError
-from ray_app.serve.predlog import PREFIX
+from ray_app.serve.predlog import PREFIX, SCHEMA
 
 PROMOTE, HOLD, ROLLBACK = "promote", "hold", "rollback"
 
@@ -32,7 +32,9 @@ def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
         raise AppError(f"prediction log {uri} cannot be read: {exc}") from None
     if not files:
         raise AppError(f"prediction log {uri} has no files yet; send traffic to the Serve app first")
-    frame = pads.dataset(files, filesystem=fs, format="parquet").to_table().to_pandas()
+    # the log's schema, so files written before a column existed read with it empty
+    frame = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table().to_pandas()
+    frame["served_id"] = frame["served_id"].fillna(frame["request_id"])  # older files: the request id was the key
     if window_minutes is not None:
         cutoff = pd.Timestamp(time.time() - window_minutes * 60, unit="s", tz="UTC")
         frame = frame[frame["timestamp"] >= cutoff]
@@ -42,7 +44,7 @@ def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
 def version_stats(frame: pd.DataFrame, version: str) -> dict[str, Any]:
     """Per request (a request's items share status and latency), over every route the version served."""
     rows = frame[frame["model_version"] == version]
-    requests = rows.drop_duplicates(["request_id", "route"])
+    requests = rows.drop_duplicates(["served_id", "route"])
     n = len(requests)
     return {
         "version": version,
@@ -60,7 +62,7 @@ def shadow_agreement(frame: pd.DataFrame, champion: str, challenger: str) -> tup
     ok = frame[frame["status"] == 200]
     primary = ok[(ok["model_version"] == champion) & (ok["route"] == "primary")]
     shadow = ok[(ok["model_version"] == challenger) & (ok["route"] == "shadow")]
-    pairs = primary.merge(shadow, on=["request_id", "item"], suffixes=("_champion", "_challenger"))
+    pairs = primary.merge(shadow, on=["served_id", "item"], suffixes=("_champion", "_challenger"))
     if pairs.empty:
         return None, 0
     return float((pairs["label_champion"] == pairs["label_challenger"]).mean()), len(pairs)
