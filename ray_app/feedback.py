@@ -89,9 +89,10 @@ def join_labels(labels: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
     A request logged on several routes (primary and shadow) keeps its primary row. A request id the caller reused
     for several requests names no single answer: those labels are `ambiguous` (and not matched), never joined to
     whichever request came first."""
-    served = log[log["status"] == 200].copy()
-    key = served["served_id"] if "served_id" in served.columns else pd.Series(None, index=served.index)
-    served["_key"] = key.fillna(served["request_id"])  # files from before served_id: the request id was the key
+    from ray_app.serve.predlog import with_served_key
+
+    served = with_served_key(log[log["status"] == 200])
+    served["_key"] = served.pop("served_id")
     served["_shadow"] = served["route"] == "shadow"
     served = served.sort_values("_shadow", kind="stable").drop_duplicates(["_key", "item"], keep="first")
     served["ambiguous"] = served.groupby(["request_id", "item"])["_key"].transform("nunique") > 1

@@ -83,6 +83,32 @@ def test_missing_prediction_log_is_named(tmp_path: Path) -> None:
         read_log(str(tmp_path / "absent"))
 
 
+@pytest.mark.slow
+def test_log_files_from_before_served_id_read_beside_newer_ones(ray_cluster, tmp_path: Path) -> None:
+    """A prediction log kept across upgrades holds files without the served_id column: monitoring reads them with
+    the log's schema, and feedback keys them by their request id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_app.feedback import join_labels
+    from ray_app.serve.predlog import SCHEMA, PredictionLog
+    from ray_app.serve.settings import PredictionLogSettings
+
+    def row(request_id: str, served_id: str | None) -> dict:
+        return {"request_id": request_id, "served_id": served_id, "item": 0, "timestamp": 1_700_000_000_000,
+                "route": "primary", "model_name": "m", "model_version": "1", "status": 200, "text": "t",
+                "label": "mlops"}  # fmt: skip
+
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "served_id"])
+    old = pa.Table.from_pylist([{k: v for k, v in row("old-1", None).items() if k != "served_id"}], schema=old_schema)
+    pq.write_table(old, tmp_path / "predictions-00000000T000000-old-000000.parquet")
+    PredictionLog(PredictionLogSettings(uri=str(tmp_path), max_bytes=None)).write([row("new-1", "s-new")])
+    frame = read_log(str(tmp_path))
+    assert sorted(frame["request_id"]) == ["new-1", "old-1"] and "served_id" in frame.columns
+    labels = pd.DataFrame({"request_id": ["old-1", "new-1"], "item": [0, 0], "label": ["mlops", "mlops"]})
+    assert join_labels(labels, frame)["matched"].tolist() == [True, True]
+
+
 # ---- a registered version with its reference, and logs of its traffic ------------------------------------------------
 
 

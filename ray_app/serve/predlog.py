@@ -45,6 +45,15 @@ SCHEMA = pa.schema(
 PREFIX = "predictions-"
 
 
+def with_served_key(frame):
+    """`served_id` on every row of a log frame: the log's own key per request; rows written before it existed use
+    their request id. Readers on both sides (canary report, feedback) join and count by it."""
+    import pandas as pd
+
+    key = frame["served_id"] if "served_id" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+    return frame.assign(served_id=key.fillna(frame["request_id"]))
+
+
 def text_fields(text: str, store_text: bool) -> dict[str, Any]:
     """Length descriptors are kept even when the text is not, so drift on length works in hashed mode too."""
     return {

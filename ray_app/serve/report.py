@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 
 from ray_app.config import CanaryConfig
 from ray_app.errors import AppError
-from ray_app.serve.predlog import PREFIX, SCHEMA
+from ray_app.serve.predlog import PREFIX, SCHEMA, with_served_key
 
 PROMOTE, HOLD, ROLLBACK = "promote", "hold", "rollback"
 
@@ -33,8 +33,7 @@ def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
     if not files:
         raise AppError(f"prediction log {uri} has no files yet; send traffic to the Serve app first")
     # the log's schema, so files written before a column existed read with it empty
-    frame = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table().to_pandas()
-    frame["served_id"] = frame["served_id"].fillna(frame["request_id"])  # older files: the request id was the key
+    frame = with_served_key(pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table().to_pandas())
     if window_minutes is not None:
         cutoff = pd.Timestamp(time.time() - window_minutes * 60, unit="s", tz="UTC")
         frame = frame[frame["timestamp"] >= cutoff]
@@ -43,7 +42,7 @@ def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
 
 def version_stats(frame: pd.DataFrame, version: str) -> dict[str, Any]:
     """Per request (a request's items share status and latency), over every route the version served."""
-    rows = frame[frame["model_version"] == version]
+    rows = with_served_key(frame[frame["model_version"] == version])
     requests = rows.drop_duplicates(["served_id", "route"])
     n = len(requests)
     return {
@@ -59,7 +58,7 @@ def version_stats(frame: pd.DataFrame, version: str) -> dict[str, Any]:
 
 def shadow_agreement(frame: pd.DataFrame, champion: str, challenger: str) -> tuple[float | None, int]:
     """Share of items where the challenger's shadow label equals the champion's answer to the same request."""
-    ok = frame[frame["status"] == 200]
+    ok = with_served_key(frame[frame["status"] == 200])
     primary = ok[(ok["model_version"] == champion) & (ok["route"] == "primary")]
     shadow = ok[(ok["model_version"] == challenger) & (ok["route"] == "shadow")]
     pairs = primary.merge(shadow, on=["served_id", "item"], suffixes=("_champion", "_challenger"))
