@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ray_app.errors import AppError
 
+DEFAULT_LABELS = ("natural-language-processing", "computer-vision", "mlops", "other")
+
 # How a registered version runs on CPU (ray_app/backends.py): serving's `backend` setting names one of these.
 Backend = Literal["fp32", "torch-int8", "onnx-fp32", "onnx-int8"]
 
@@ -38,9 +40,7 @@ class DataConfig(_Section):
     id_column: str = "id"
     text_columns: list[str] = Field(default_factory=lambda: ["title", "description"], min_length=1)
     label_column: str = "tag"
-    labels: list[str] = Field(
-        default_factory=lambda: ["natural-language-processing", "computer-vision", "mlops", "other"], min_length=2
-    )
+    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=2)
     label_aliases: dict[str, str] = Field(
         default_factory=dict, description="Raw tag -> label, applied before the label set is checked."
     )

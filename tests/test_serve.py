@@ -622,49 +622,23 @@ def _ray_app(*args: str) -> subprocess.CompletedProcess:
 # ---- failure drills (issue 7): the fuzz and the soak first, the replica kill last, so no other test sees it --------
 
 
-def _error_body_is_json(ctx, response, case) -> None:
-    """A schemathesis check: every 4xx/5xx answer has this app's JSON error body, {"error": CODE, "detail": ...}."""
-    if response.status_code < 400:
-        return
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        raise AssertionError(f"{response.status_code} with a non-JSON body: {response.content[:200]!r}") from None
-    assert isinstance(body, dict) and {"error", "detail"} <= set(body), f"{response.status_code} body {body!r}"
-
-
-def test_drill_fuzz_the_http_api_from_its_openapi_document(app):
-    """schemathesis generates valid and invalid requests for every operation in /openapi.json (fetched over HTTP
-    with the API key, as a client would): no 5xx, and every error a JSON body."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
-
-    headers = {"X-API-Key": KEY}
-    schema = schemathesis.openapi.from_url(f"{app['base']}/openapi.json", headers=headers, timeout=30)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /predict", "GET /models", "GET /ready", "GET /health"}
-    calls: Counter = Counter()
-    for op in operations:
-        has_input = bool(list(op.iter_parameters()) or list(op.body))  # GET /health etc. take nothing to fuzz
-        modes = list(schemathesis.GenerationMode) if has_input else [schemathesis.GenerationMode.POSITIVE]
-        for mode in modes:
-
-            @settings(
-                max_examples=60 if has_input else 2,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=op.as_strategy(generation_mode=mode))
-            def fuzz(case) -> None:
-                response = case.call(base_url=app["base"], headers=headers, timeout=60)
-                calls[(case.operation.label, case.meta.generation.mode.value, response.status_code)] += 1
-                case.validate_response(response, checks=[not_a_server_error, _error_body_is_json], headers=headers)
-
-            fuzz()
-    print(f"DRILL fuzz: {sum(calls.values())} requests, by (operation, mode, status): {dict(sorted(calls.items()))}")
-    assert not [k for k in calls if k[2] >= 500]
+def test_drill_schemathesis_checks_all_against_the_openapi_document(app):
+    """`schemathesis run --checks all`, as a user would run it, against the deployed app's /openapi.json (with the
+    API key): every status the server answers is documented with its JSON body schema, schema-valid requests are
+    accepted and invalid ones refused, requests without the key get 401. tests/schemathesis.toml says which
+    statuses count as a refusal (413) and why 503 is not a failure."""
+    proc = subprocess.run(
+        [
+            str(BIN / "schemathesis"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run",
+            f"{app['base']}/openapi.json", "--checks", "all", "--max-examples", "60", "-H", f"X-API-Key: {KEY}",
+            "--request-timeout", "30", "--no-color",
+        ],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    summary = proc.stdout[proc.stdout.find("SUMMARY") :]
+    print(f"DRILL schemathesis: {summary.strip().splitlines()[-1] if summary else proc.stdout[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "Unsupported regex" not in proc.stdout, proc.stdout[-3000:]  # a dropped pattern is an untested rule
 
 
 def test_drill_soak_at_80_percent_of_capacity(app):

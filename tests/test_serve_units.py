@@ -186,25 +186,79 @@ def test_canary_verdicts():
         {"title": "x", "model": "projects-classifier/3"},
         {"title": "x", "model": "../etc/passwd"},
         {"title": "x", "model": "m/01"},
+        {"title": "x", "model": ""},
+        {"title": "x", "model": " @champion"},
+        {"title": "x", "description": None},
+        {"items": None, "title": "x"},
+        {"items": [{"title": ""}]},
+        {"items": [{"title": "", "description": "frames"}]},
+        {"title": "\u200b\ufeff\x00", "description": " "},
+        {"title": "日本語"},
+        {"title": "x" * 2000},
+        {"title": "x" * 2001},
+        {"items": [{"title": "x"}] * 32},
+        {"items": [{"title": "x"}] * 33},
     ],
 )
-def test_openapi_schema_of_a_request_agrees_with_the_server(body):
-    """The request schema published in /openapi.json (title or items, never both) accepts exactly what the server's
-    own validation accepts, so a client or a fuzzer generating from the schema sends requests the server takes."""
+def test_openapi_document_of_a_request_agrees_with_the_server(body):
+    """The request schema /openapi.json publishes (with the deployment's limits) accepts exactly what the server's
+    own checks accept, so a client or a fuzzer generating from the schema sends requests the server takes."""
     import jsonschema
+    from fastapi.openapi.utils import get_openapi
     from pydantic import ValidationError
 
-    from ray_app.serve.ingress import PredictRequest
+    from ray_app.serve import schemas
+    from ray_app.serve.ingress import api
 
-    schema_ok = jsonschema.Draft202012Validator(PredictRequest.model_json_schema()).is_valid(body)
+    args = ServeArgs()
+    doc = schemas.document(get_openapi(title="t", version="1", routes=api.routes), args, keyed=True)
+    schema = {**doc, "$ref": "#/components/schemas/PredictRequest"}  # the document is the root its $refs point into
+    schema_ok = jsonschema.Draft202012Validator(schema).is_valid(body)
     try:
-        request = PredictRequest.model_validate(body)
+        request = schemas.PredictRequest.model_validate(body)
+        schemas.check_items(request.all_items(), args)
         if request.model is not None:
             parse_model_id(request.model, "m")  # the server's next check (a 422 too)
         server_ok = True
-    except (ValidationError, BadModelId):
+    except (ValidationError, BadModelId, schemas.ApiError):
         server_ok = False
     assert schema_ok == server_ok, (body, schema_ok, server_ok)
+
+
+def test_openapi_document_names_the_labels_the_key_and_every_error():
+    from fastapi.openapi.utils import get_openapi
+
+    from ray_app.serve import schemas
+    from ray_app.serve.ingress import api
+
+    args = ServeArgs()
+    keyed = schemas.document(get_openapi(title="t", version="1", routes=api.routes), args, keyed=True)
+    open_ = schemas.document(get_openapi(title="t", version="1", routes=api.routes), args, keyed=False)
+    prediction = keyed["components"]["schemas"]["Prediction"]["properties"]
+    assert prediction["label"]["enum"] == args.labels
+    assert prediction["probabilities"]["required"] == args.labels
+    predict = keyed["paths"]["/predict"]["post"]
+    assert set(predict["responses"]) == {"200", "400", "401", "404", "408", "413", "422", "500", "503"}
+    assert predict["security"] and "ApiKey" in keyed["components"]["securitySchemes"]
+    assert (
+        "security" not in keyed["paths"]["/health"]["get"]
+        and "401" not in keyed["paths"]["/health"]["get"]["responses"]
+    )
+    assert "401" not in open_["paths"]["/predict"]["post"]["responses"] and "securitySchemes" not in open_["components"]
+    assert not [n for n in open_["components"]["schemas"] if n.endswith("Error401")]
+    assert predict["responses"]["503"]["headers"]["Retry-After"]["required"]
+
+
+def test_the_visible_text_rule_is_unicode_s_invisible_categories():
+    """Every character the published pattern calls invisible is a control, space, separator or format mark in the
+    running Python's Unicode tables (the ranges are spelled out so the pattern does not change with Python)."""
+    import unicodedata
+
+    from ray_app.text import _INVISIBLE_RANGES
+
+    for low, high in _INVISIBLE_RANGES:
+        for cp in range(low, high + 1):
+            assert unicodedata.category(chr(cp)) in ("Cc", "Cf", "Co", "Cn", "Zs", "Zl", "Zp"), hex(cp)
 
 
 def _shipped_app_and_deployment() -> tuple[ServeArgs, dict]:
@@ -215,6 +269,14 @@ def _shipped_app_and_deployment() -> tuple[ServeArgs, dict]:
     (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
     (deployment,) = app["deployments"]
     return ServeArgs.model_validate(app["args"]), deployment
+
+
+def test_the_shipped_app_promises_the_labels_the_pipeline_trains():
+    from ray_app.config import load_config
+    from tests.conftest import ROOT
+
+    args, _ = _shipped_app_and_deployment()
+    assert args.labels == load_config(ROOT / "configs" / "default.yaml").data.labels
 
 
 def test_the_app_sheds_overload_itself_before_serve_does():

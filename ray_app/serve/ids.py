@@ -51,7 +51,7 @@ class ModelRef:
 
 
 def parse_model_id(text: str, default_name: str) -> ModelRef:
-    match = _GRAMMAR.match(text.strip()) if isinstance(text, str) else None
+    match = _GRAMMAR.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise BadModelId(
             f"model id {text!r} is not NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS (e.g. 'projects-classifier/3', "

@@ -15,14 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_app.serve import schemas
 from ray_app.serve.edge import EdgeGuard, error_body
 from ray_app.serve.ids import (
-    SCHEMA_PATTERN,
     BadModelId,
     Lookups,
     ModelRef,
@@ -35,93 +34,17 @@ from ray_app.serve.ids import (
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.pool import ModelLoadError, ModelPool, Overloaded
 from ray_app.serve.predlog import PredictionLog, text_fields
+from ray_app.serve.schemas import ApiError, Health, Models, Prediction, PredictRequest, PredictResponse, Ready
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
-from ray_app.text import has_visible_text, join_parts
+from ray_app.text import join_parts
 
 log = logging.getLogger("ray.serve")
 MODEL_HEADER = "serve_multiplexed_model_id"
 LATENCY_BUCKETS_MS = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000]
 
 
-class Item(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(description="Project title.")
-    description: str = Field("", description="Project description; may be empty.")
-
-
-def _title_or_items(schema: dict[str, Any]) -> None:
-    """Say in the OpenAPI document what `_one_form` enforces, so clients and fuzzers see the two request shapes:
-    a title (with an optional description) or a non-empty list of items, never both and never a null title."""
-    props = schema["properties"]
-    props["title"] = {"type": "string", "title": "Title", "description": "Project title (one-item form)."}
-    props["description"] = {"type": "string", "title": "Description", "description": "May be empty."}
-    array = next(a for a in props["items"]["anyOf"] if a.get("type") == "array")  # keeps pydantic's own $ref
-    props["items"] = {**array, "minItems": 1, "title": "Items"}
-    next(a for a in props["model"]["anyOf"] if a.get("type") == "string")["pattern"] = SCHEMA_PATTERN
-    schema["oneOf"] = [
-        {"required": ["title"], "not": {"required": ["items"]}},
-        {"required": ["items"], "not": {"anyOf": [{"required": ["title"]}, {"required": ["description"]}]}},
-    ]
-    schema["examples"] = [
-        {"title": "Transformers for text classification", "description": "BERT"},
-        {"items": [{"title": "YOLO object detection", "description": "video frames"}], "model": "@champion"},
-    ]
-
-
-class PredictRequest(BaseModel):
-    """One item (`title`, `description`) or a list of them (`items`); `model` names a version or alias."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_title_or_items)
-    title: str | None = None
-    description: str | None = None
-    items: list[Item] | None = None
-    model: str | None = Field(None, description="NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS; bypasses the policy.")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "PredictRequest":
-        if self.items is not None and (self.title is not None or self.description is not None):
-            raise ValueError("send either title/description or items, not both")
-        if self.items is None and self.title is None:
-            raise ValueError("title is required (or send items: [{title, description}, ...])")
-        if self.items is not None and not self.items:
-            raise ValueError("items is empty")
-        return self
-
-    def all_items(self) -> list[Item]:
-        return (
-            self.items if self.items is not None else [Item(title=self.title or "", description=self.description or "")]
-        )
-
-
-class Prediction(BaseModel):
-    label: str
-    probabilities: dict[str, float]
-
-
-class PredictResponse(BaseModel):
-    request_id: str
-    model: str = Field(description="The registered model that answered.")
-    version: str
-    route: str = Field(description="primary, canary or named (the request chose the model).")
-    predictions: list[Prediction]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> None:
-        super().__init__(code)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
-
-
 def probabilities(labels: list[str], row) -> dict[str, float]:
     return {label: float(p) for label, p in zip(labels, row, strict=True)}
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 api = FastAPI(
@@ -144,7 +67,8 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (an unknown path, a wrong method) in the same JSON shape as the app's."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+    named = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+    code = named.get(exc.status_code, f"http_{exc.status_code}")
     return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
@@ -195,6 +119,8 @@ class Ingress:
         api.state.retry_after_s = self.args.retry_after_s
         api.state.pool = self.pool
         api.state.api_key = secret_from_env(self.args.api_key_env)
+        api.openapi_schema = None  # built on first ask, with this deployment's limits, labels and key
+        api.openapi = self._openapi
         mlflow.set_tracking_uri(serve_tracking_uri(self.args.tracking_uri))
         self.client = MlflowClient()
         self.resolver = Resolver(self.client, ttl_s=self.args.alias_ttl_s)
@@ -222,23 +148,31 @@ class Ingress:
         self.guard = Guard(self.policy.guard)
         log.info("traffic policy: %s", self.policy.model_dump())
 
+    def _openapi(self) -> dict[str, Any]:
+        from fastapi.openapi.utils import get_openapi
+
+        if api.openapi_schema is None:
+            base = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            api.openapi_schema = schemas.document(base, self.args, keyed=bool(api.state.api_key))
+        return api.openapi_schema
+
     # ---- routes -------------------------------------------------------------------------------------------------
 
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "alive"}
+    @api.get("/health", response_model=Health, responses=schemas.responses("Health", {}, open_route=True))
+    async def health(self) -> Health:
+        return Health(status="alive")
 
-    @api.get("/ready")
-    async def ready(self) -> JSONResponse:
+    @api.get("/ready", response_model=Ready, responses=schemas.responses("Ready", schemas.READY))
+    async def ready(self) -> Ready:
         try:
             ref = await self._resolve(self.args.default_model)
         except ApiError as err:  # no champion yet (nothing trained) is "not ready", not a client error
             raise ApiError(503, "not_ready", err.detail, {"Retry-After": "5"}) from None
         if not self.pool.is_loaded(ref.concrete):
             raise ApiError(503, "not_ready", f"default model {ref.concrete} is not loaded yet", {"Retry-After": "5"})
-        return JSONResponse({"status": "ready", "default_model": self.args.default_model, "version": ref.version})
+        return Ready(status="ready", default_model=self.args.default_model, version=str(ref.version))
 
-    @api.get("/models")
+    @api.get("/models", response_model=Models, responses=schemas.responses("Models", schemas.MODELS))
     async def models(self) -> dict[str, Any]:
         from ray_app.serve.directory import directory_for
 
@@ -249,7 +183,7 @@ class Ingress:
             for alias, version in (self.client.get_registered_model(self.args.model_name).aliases or {}).items():
                 by_version.setdefault(str(version), []).append(alias)
         except Exception as exc:  # noqa: BLE001 - the registry's client raises several types
-            raise ApiError(503, "registry_unavailable", str(exc)) from None
+            raise ApiError(503, "registry_unavailable", str(exc), {"Retry-After": "5"}) from None
         replicas = await directory_for(serve.get_replica_context().app_name).snapshot.remote()
         return {
             "model": self.args.model_name,
@@ -268,14 +202,14 @@ class Ingress:
             "replicas": replicas,
         }
 
-    @api.post("/predict", response_model=PredictResponse)
+    @api.post("/predict", response_model=PredictResponse, responses=schemas.responses("Predict", schemas.PREDICT))
     async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         served_id = uuid.uuid4().hex  # the log's key: unique even when a caller reuses its request id
-        items = self._check_limits(body.all_items())
+        items = schemas.check_items(body.all_items(), self.args)
         named = request.headers.get(MODEL_HEADER) or body.model
-        if named:
+        if named is not None:  # "model": "" is a bad id (422), not "no model"
             route = Route(named, NAMED)
         else:
             caller = request.headers.get(self.policy.sticky_header)
@@ -307,32 +241,6 @@ class Ingress:
         )
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-
-    def _check_limits(self, items: list[Item]) -> list[Item]:
-        if len(items) > self.args.max_items:
-            raise ApiError(413, "too_many_items", f"{len(items)} items; at most {self.args.max_items} per request")
-        for i, item in enumerate(items):
-            for name in ("title", "description"):
-                if len(getattr(item, name)) > self.args.max_text_chars:
-                    raise ApiError(
-                        413,
-                        "text_too_long",
-                        f"items[{i}].{name} has {len(getattr(item, name))} characters; "
-                        f"the limit is {self.args.max_text_chars}",
-                    )
-                if not _is_utf8(getattr(item, name)):
-                    # JSON's "\ud800" escape decodes to a lone surrogate: the tokenizer and the Parquet log reject it
-                    raise ApiError(
-                        422, "invalid_text", f"items[{i}].{name} is not valid Unicode text (it has a lone surrogate)"
-                    )
-            if not (has_visible_text(item.title) or has_visible_text(item.description)):
-                raise ApiError(
-                    422,
-                    "empty_text",
-                    f"items[{i}] has no text: title and description are empty or only spaces, controls or "
-                    "zero-width characters",
-                )
-        return items
 
     async def _resolve(self, model_id: str) -> ModelRef:
         """From the resolver's cache when it has the answer; otherwise the registry is asked in a thread of its own

@@ -143,6 +143,9 @@ class ModelPool:
             self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
             log.exception("loading %s failed", model_id)  # the traceback stays in the replica's log
             raise ModelLoadError(model_id, f"{type(exc).__name__} (the replica's log has the details)") from None
+        if set(classifier.labels) != set(self.args.labels):  # its answers would break the published schema
+            self.m_loads.inc(tags={"model_id": model_id, "outcome": "failed"})
+            raise ModelLoadError(model_id, f"it predicts {classifier.labels}, not the API's labels {self.args.labels}")
         load_ms = (time.perf_counter() - started) * 1000
         self.m_loads.inc(tags={"model_id": model_id, "outcome": "ok"})
         self.m_load_ms.observe(load_ms)

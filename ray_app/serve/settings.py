@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ray_app.config import Backend
+from ray_app.config import DEFAULT_LABELS, Backend
 from ray_app.serve.ids import parse_model_id
 
 
@@ -63,6 +63,12 @@ class ServeArgs(_Strict):
     model_name: str = Field("projects-classifier", description="The registered model a bare version or alias means.")
     default_model: str = Field("@champion", description="What a request that names no model gets (and /ready).")
     alias_ttl_s: float = Field(5.0, ge=0, description="How long an alias -> version answer is cached.")
+    labels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LABELS),
+        min_length=2,
+        description="The labels the API promises (the enum of /openapi.json); a version trained on another set is "
+        "not served (503 model_unavailable). The training config's data.labels.",
+    )
     max_models_per_replica: int = Field(3, ge=1)
     max_items: int = Field(32, ge=1, description="Most items in one /predict request.")
     max_text_chars: int = Field(2000, ge=1, description="Most characters in one title or description.")
