@@ -301,7 +301,8 @@ def register_copies(tracking_uri: str, model: str, n: int) -> tuple[str, list[st
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    versions = [mlflow.register_model(source.source, bench_name) for _ in range(n)]
+    # its lineage tags go with each copy (the run, with its evaluation, is the same), so serving takes them
+    versions = [mlflow.register_model(source.source, bench_name, tags=source.tags) for _ in range(n)]
     deadline = time.monotonic() + 120
     while any(client.get_model_version(bench_name, v.version).status != "READY" for v in versions):
         if time.monotonic() > deadline:

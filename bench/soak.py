@@ -284,6 +284,7 @@ def main() -> None:
             default_model=f"@{alias}",
             prediction_log={"uri": str(work / "predlog")},
             api_key_env=None,
+            require_lineage=bool(args.tracking_uri),  # the untrained tiny stand-in is not the pipeline's work
         )
         serve.run(build_app(sargs), name="soak", route_prefix="/", logging_config={"enable_access_log": False})
         base = f"http://127.0.0.1:{port}"

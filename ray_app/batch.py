@@ -327,6 +327,9 @@ class Predictor:
         torch.set_num_threads(threads)
         mlflow.set_tracking_uri(tracking_uri)
         from ray_app.registry import load_classifier
+        from ray_app.registry_auth import use_node_credentials
+
+        use_node_credentials()  # a Ray Data worker: the node's MLflow user
 
         self.classifier = load_classifier(model_uri)
         if settings["num_gpus"] > 0:

@@ -425,6 +425,13 @@ def kuberay(
 
 
 def main() -> None:
+    from ray_app.registry_auth import use_node_credentials
+
+    try:
+        use_node_credentials()  # a protected registry: the node's MLflow user, read once, before any client exists
+    except (OSError, KeyError) as exc:
+        typer.echo(f"error: MLflow credentials from $RAY_APP_MLFLOW_CREDENTIALS: {exc}", err=True)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:

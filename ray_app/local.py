@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ray_app.registry_auth import AUTH_APP, Credentials, server_env
+
 BIN = Path(sys.executable).parent
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray start` with RAY_AUTH_MODE=token keeps it
 # Ray Serve's high-throughput mode: HAProxy as the HTTP proxy (forwarding to the ingress replicas' own HTTP servers)
@@ -156,9 +158,12 @@ def pids_of(marker: str) -> list[int]:
     return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
-def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
-    """`mlflow server` over a SQLite file, serving artifacts itself so runs store mlflow-artifacts:/ URIs."""
+def start_mlflow(root: Path, port: int, host: str = "127.0.0.1", admin: Credentials | None = None) -> int:
+    """`mlflow server` over a SQLite file, serving artifacts itself so runs store mlflow-artifacts:/ URIs. With an
+    admin, MLflow's own authentication (registry_auth.py): every request then needs a user."""
     root.mkdir(parents=True, exist_ok=True)
+    auth = ["--app-name", AUTH_APP] if admin else []
+    env = {**os.environ, **(server_env(root, admin) if admin else {})}
     log = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
         [
@@ -174,7 +179,9 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1") -> int:
             str((root / "artifacts").resolve()),
             "--workers",
             "1",
+            *auth,
         ],
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -179,6 +179,9 @@ class _MlflowEpochLogger:
         from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
         from mlflow.tracking import MlflowClient
 
+        from ray_app.registry_auth import use_node_credentials
+
+        use_node_credentials()  # a Train worker: the node's MLflow user, as the driver has it
         self.client = MlflowClient(tracking_uri) if tracking_uri and run_id else None
         self.run_id = run_id
         self.retry_s, self.flush_timeout_s = retry_s, flush_timeout_s

@@ -142,6 +142,9 @@ def run_trial(params: dict[str, Any], *, base: dict, splits: Splits, tracking: d
 
     cfg = apply_params(AppConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
+    from ray_app.registry_auth import use_node_credentials
+
+    use_node_credentials()  # a trial's process: the node's MLflow user, as the driver has it
     client = MlflowClient(tracking["uri"])
     earlier = client.search_runs(
         [tracking["experiment_id"]],

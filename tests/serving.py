@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -28,22 +29,37 @@ EXAMPLE = pd.DataFrame(
 
 
 def register_version(cfg: AppConfig, base_model: Path, seed: int, work: Path) -> str:
-    """A real classifier (the tiny encoder with a head initialised from `seed`), logged and registered like the
-    pipeline does; the test split travels with it, as registry.promote expects."""
+    """A real classifier (the tiny encoder with a head initialised from `seed`), evaluated on its test rows, logged
+    and registered with the lineage tags the pipeline writes; the test split travels with it, as registry.promote
+    expects, and serving (require_lineage) takes it."""
+    from sklearn.metrics import f1_score
+
     from ray_app.model import TextClassifier, load_for_training, load_tokenizer
     from ray_app.registry import TEST_SPLIT_ARTIFACT, log_model, register
+    from ray_app.registry_auth import EVALUATION_METRIC
+    from ray_app.runtime import git_commit
+    from ray_app.text import join_text
 
     torch.manual_seed(seed)
     model_dir = work / f"clf-{seed}"
-    TextClassifier(load_for_training(str(base_model), cfg.data.labels), load_tokenizer(str(base_model))).save(model_dir)
+    clf = TextClassifier(load_for_training(str(base_model), cfg.data.labels), load_tokenizer(str(base_model)))
+    clf.save(model_dir)
     test_rows = EXAMPLE.assign(id=["a", "b", "c"], label=["natural-language-processing", "computer-vision", "mlops"])
+    predicted = [clf.labels[i] for i in clf.predict_proba(join_text(test_rows, cfg.data.text_columns)).argmax(1)]
     with mlflow.start_run(run_name=f"serve-test-{seed}") as run:
         split = work / f"split-{seed}" / Path(TEST_SPLIT_ARTIFACT).name  # the name frozen_test_rows reads back
         split.parent.mkdir(parents=True, exist_ok=True)
         test_rows.to_csv(split, index=False)
         mlflow.log_artifact(str(split), artifact_path=str(Path(TEST_SPLIT_ARTIFACT).parent))
+        mlflow.log_metric(EVALUATION_METRIC, f1_score(test_rows["label"], predicted, average="weighted"))
         uri = log_model(cfg, str(model_dir), EXAMPLE)
-        return register(cfg, uri, run.info.run_id, {"seed": str(seed)}).version
+        lineage = {
+            "data_digest": hashlib.sha256(split.read_bytes()).hexdigest()[:16],
+            "config_hash": cfg.fingerprint(),
+            "git_commit": git_commit(),
+            "seed": str(seed),
+        }
+        return register(cfg, uri, run.info.run_id, lineage).version
 
 
 def deploy_config(

@@ -113,3 +113,78 @@ def test_committed_configs_hold_no_secrets() -> None:
 def test_secret_scan_can_fail() -> None:
     assert _secret_values({"db": {"password": "hunter2", "password_env": "DB_PASSWORD"}}) == [".db.password"]
     assert _secret_values({"env": {"RAY_AUTH_TOKEN": "${{ secrets.RAY_AUTH_TOKEN }}"}}) == []
+
+
+@pytest.fixture(scope="module")
+def protected_mlflow(tmp_path_factory: pytest.TempPathFactory):
+    """An MLflow server with its own authentication, the writer and reader users and their credentials files."""
+    from ray_app.local import free_port, start_mlflow, stop_mlflow
+    from ray_app.registry_auth import Credentials, create_users, new_password, write_credentials
+
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    admin, port = Credentials("admin", new_password()), free_port()
+    pid = start_mlflow(root, port, admin=admin)
+    uri = f"http://127.0.0.1:{port}"
+    users = create_users(uri, admin, "protected-classifier")
+    files = {role: write_credentials(root / "credentials" / role, creds) for role, creds in users.items()}
+    yield {"uri": uri, "users": users, "files": files, "model": "protected-classifier"}
+    stop_mlflow(pid, root)
+
+
+def _as(monkeypatch: pytest.MonkeyPatch, creds) -> None:
+    """This process's MLflow user (none: empty), restored after the test even where the app sets it itself."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", creds.username if creds else "")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", creds.password if creds else "")
+
+
+@pytest.mark.slow
+def test_protected_registry_refuses_anonymous_and_reader_writes_and_still_serves_the_reader(
+    protected_mlflow, tiny_model, tmp_path, monkeypatch
+) -> None:
+    """Anonymous writes are 401, the reader's 403; the writer registers a real version; the reader then does what
+    a serving replica does with the registry: resolve the alias and load the version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ray_app.registry import load_classifier
+    from ray_app.registry_auth import read_credentials, use_node_credentials
+    from ray_app.serve.ids import Resolver, parse_model_id
+    from tests.conftest import smoke_config
+    from tests.serving import register_version
+
+    uri, name, users = protected_mlflow["uri"], protected_mlflow["model"], protected_mlflow["users"]
+    mlflow.set_tracking_uri(uri)
+    _as(monkeypatch, None)
+    with pytest.raises(MlflowException) as anonymous:
+        MlflowClient(uri).create_registered_model("anyone-can-write")
+    assert "401" in str(anonymous.value) or "not authenticated" in str(anonymous.value).lower()
+
+    monkeypatch.setenv("RAY_APP_MLFLOW_CREDENTIALS", str(protected_mlflow["files"]["writer"]))
+    _as(monkeypatch, None)  # unset, so the node's file is used
+    assert use_node_credentials() == users["writer"]  # the node's file, as the CLI and the replicas read it
+    cfg = smoke_config(uri, "auto", tiny_model, tmp_path, f"registry.model_name={name}")
+    mlflow.set_experiment(cfg.mlflow.experiment)  # created by the writer, so it owns it, as the pipeline does
+    version = register_version(cfg, tiny_model, 7, tmp_path)
+
+    _as(monkeypatch, read_credentials(protected_mlflow["files"]["reader"]))
+    client = MlflowClient(uri)
+    with pytest.raises(MlflowException) as refused:
+        client.set_registered_model_alias(name, "champion", version)
+    assert "403" in str(refused.value) or "permission denied" in str(refused.value).lower()
+    ref = Resolver(client, ttl_s=5).resolve(parse_model_id("@challenger", name))
+    assert ref.version == version
+    classifier = load_classifier(f"models:/{ref.concrete}")
+    assert classifier.predict_proba(["YOLO for video frames"]).shape == (1, len(cfg.data.labels))
+
+
+def test_credentials_files_others_can_read_are_refused(tmp_path) -> None:
+    from ray_app.registry_auth import Credentials, read_credentials, write_credentials
+
+    path = write_credentials(tmp_path / "reader", Credentials("reader", "s3cret-value"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_credentials(path) == Credentials("reader", "s3cret-value")
+    assert "s3cret" not in repr(read_credentials(path))
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        read_credentials(path)

@@ -338,7 +338,8 @@ def test_text_that_is_not_unicode_is_422_not_a_crash(app):
 def test_version_that_fails_to_load_is_503_and_others_still_serve(app):
     client, name = app["client"], app["name"]
     run_id = client.get_model_version(name, app["v1"]).run_id
-    broken = client.create_model_version(name, f"runs:/{run_id}/data", run_id=run_id).version  # not a model
+    lineage = client.get_model_version(name, app["v1"]).tags  # the pipeline's tags: refused only by its load
+    broken = client.create_model_version(name, f"runs:/{run_id}/data", run_id=run_id, tags=lineage).version
     # an earlier test's flood may have spent this second's registry lookups: registry_busy until they refill
     r = wait_until(
         lambda: (x := answer(app, {"title": "x", "model": broken})).json()["error"] != "registry_busy" and x,
@@ -352,6 +353,23 @@ def test_version_that_fails_to_load_is_503_and_others_still_serve(app):
     client.delete_model_version(name, broken)  # gone from the registry: now it is unknown, not unavailable
     gone = answer(app, {"title": "x", "model": broken})
     assert (gone.status_code, gone.json()["error"]) == (404, "unknown_model"), gone.text
+
+
+def test_version_registered_outside_the_pipeline_is_refused_with_403(app):
+    """A real model registered by hand (v1's files, no lineage tags): the registry has it, serving refuses it
+    (require_lineage), in JSON that says why; the pipeline's versions still serve."""
+    client, name = app["client"], app["name"]
+    source = client.get_model_version(name, app["v1"]).source
+    by_hand = mlflow.register_model(source, name).version  # the same files, registered without the pipeline's tags
+    r = wait_until(
+        lambda: (x := answer(app, {"title": "x", "model": by_hand})).json()["error"] != "registry_busy" and x,
+        10,
+        "a lookup",
+    )
+    assert (r.status_code, r.json()["error"]) == (403, "model_refused"), r.text
+    assert "lineage" in r.json()["detail"] and f"{name}/{by_hand}" in r.json()["detail"]
+    assert answer(app).json()["version"] == app["v1"]
+    client.delete_model_version(name, by_hand)
 
 
 def test_overload_answers_503_fast(app):

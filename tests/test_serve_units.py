@@ -238,7 +238,7 @@ def test_openapi_document_names_the_labels_the_key_and_every_error():
     assert prediction["label"]["enum"] == args.labels
     assert prediction["probabilities"]["required"] == args.labels
     predict = keyed["paths"]["/predict"]["post"]
-    assert set(predict["responses"]) == {"200", "400", "401", "404", "408", "413", "422", "500", "503"}
+    assert set(predict["responses"]) == {"200", "400", "401", "403", "404", "408", "413", "422", "500", "503"}
     assert predict["security"] and "ApiKey" in keyed["components"]["securitySchemes"]
     assert (
         "security" not in keyed["paths"]["/health"]["get"]

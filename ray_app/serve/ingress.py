@@ -32,7 +32,7 @@ from ray_app.serve.ids import (
     parse_model_id,
 )
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
-from ray_app.serve.pool import ModelLoadError, ModelPool, Overloaded
+from ray_app.serve.pool import ModelLoadError, ModelPool, ModelRefused, Overloaded
 from ray_app.serve.predlog import PredictionLog, text_fields
 from ray_app.serve.schemas import ApiError, Health, Models, Prediction, PredictRequest, PredictResponse, Ready
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
@@ -110,9 +110,11 @@ class Ingress:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        from ray_app.registry_auth import use_credentials
         from ray_app.runtime import secret_from_env, serve_tracking_uri
 
         self.args = ServeArgs.model_validate(args)
+        use_credentials(self.args.registry_credentials)  # before any MLflow client exists
         self.pool = ModelPool(self.args)
         api.state.max_body_bytes = self.args.max_body_bytes
         api.state.body_timeout_s = self.args.body_timeout_s
@@ -267,6 +269,8 @@ class Ingress:
                 f"{exc}; retry after the Retry-After seconds",
                 {"Retry-After": str(self.args.retry_after_s)},
             ) from None
+        except ModelRefused as exc:
+            raise ApiError(403, "model_refused", str(exc)) from None
         except ModelLoadError as exc:
             self.resolver.forget(ref)  # deleted from the registry, perhaps: the next request asks it again (404)
             raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "30"}) from None

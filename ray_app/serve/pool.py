@@ -33,6 +33,17 @@ class Overloaded(RuntimeError):
     """More items wait for a forward pass in this replica than it may queue: refused now, not queued."""
 
 
+class ModelRefused(RuntimeError):
+    """The registry has the version, but it is not the pipeline's work (require_lineage): not served."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(model_id, reason)
+        self.model_id, self.reason = model_id, reason
+
+    def __str__(self) -> str:
+        return f"model {self.model_id} is not served: {self.reason}"
+
+
 class ModelLoadError(RuntimeError):
     """A version could not be loaded on this replica; the replica keeps serving the others."""
 
@@ -84,6 +95,7 @@ class ModelPool:
         mlflow.set_tracking_uri(serve_tracking_uri(args.tracking_uri))
         self.resolver = Resolver(MlflowClient(), ttl_s=args.alias_ttl_s)
         self.loaded: dict[str, Loaded] = {}
+        self._refused: dict[str, tuple[str, float]] = {}
         self.replica = str(serve.get_replica_context().replica_id.unique_id)
 
         async def load(model_id: str) -> Loaded:  # a plain function: the multiplexer keeps its cache on it
@@ -127,13 +139,15 @@ class ModelPool:
                 self.resolver.resolve, parse_model_id(self.args.default_model, self.args.model_name)
             )
             await self.get_model(ref.concrete)
-        except (UnknownModel, RegistryUnavailable, ModelLoadError) as exc:
+        except (UnknownModel, RegistryUnavailable, ModelLoadError, ModelRefused) as exc:
             log.warning("default model %s not loaded at start: %s", self.args.default_model, exc)
 
     async def _load(self, model_id: str) -> Loaded:
         from ray_app.registry import load_classifier
 
         started = time.perf_counter()
+        if self.args.require_lineage:
+            await self._check_lineage(model_id)
         try:
             classifier = await asyncio.to_thread(load_classifier, f"models:/{model_id}")
             if self.args.backend != "fp32":
@@ -154,6 +168,26 @@ class ModelPool:
         log.info("loaded %s in %.0f ms", model_id, load_ms)
         self._report()
         return loaded
+
+    async def _check_lineage(self, model_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from ray_app.registry_auth import lineage_problem
+
+        refused = self._refused.get(model_id)
+        if refused and refused[1] > time.monotonic():  # asked again after alias_ttl_s, not on every request
+            raise ModelRefused(model_id, refused[0])
+        name, version = model_id.split("/")
+        try:
+            problem = await asyncio.to_thread(lineage_problem, MlflowClient(), name, version)
+        except Exception as exc:  # noqa: BLE001 - the registry could not say: not loaded now, asked again next time
+            log.warning("lineage of %s could not be read: %r", model_id, exc)
+            raise ModelLoadError(model_id, f"its lineage could not be read ({type(exc).__name__})") from None
+        if problem:
+            self.m_loads.inc(tags={"model_id": model_id, "outcome": "refused"})
+            log.warning("%s refused: %s", model_id, problem)
+            self._refused[model_id] = (problem, time.monotonic() + self.args.alias_ttl_s)
+            raise ModelRefused(model_id, problem)
 
     def _backend_if_accepted(self, model_id: str, classifier):
         """The configured backend when the version's verdict accepts it (made and stored on the first ask); fp32

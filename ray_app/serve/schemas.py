@@ -173,6 +173,11 @@ COMMON: Errors = {
 }
 PREDICT: Errors = {
     400: (("bad_request",), "The body could not be read (not UTF-8 JSON)."),
+    403: (
+        ("model_refused",),
+        "The version is not the pipeline's work (no lineage tags or no test evaluation) and the app serves only "
+        "those (require_lineage).",
+    ),
     404: (("unknown_model",), "The registry has no such model name, version or alias."),
     408: (("request_timeout",), "The body did not arrive within the deployment's body_timeout_s."),
     413: (

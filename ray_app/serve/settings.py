@@ -98,6 +98,18 @@ class ServeArgs(_Strict):
         "RAY_APP_API_KEY", description="Env var holding the API key; when it is set, every route but /health needs it."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on overload.")
+    require_lineage: bool = Field(
+        True,
+        description="Serve only versions the pipeline registered: its lineage tags and a test evaluation on the "
+        "version's run (registry_auth.LINEAGE_TAGS); any other version is 403 model_refused. False serves any "
+        "registered version (models registered by hand).",
+    )
+    registry_credentials: str | None = Field(
+        None,
+        description="A file on each node (mode 0600, MLflow's credentials format) with the MLflow user serving "
+        "reads the registry as (the reader, on a protected registry); null: the file RAY_APP_MLFLOW_CREDENTIALS "
+        "names, or no user.",
+    )
     backend: Backend = Field(
         "fp32",
         description="How pool replicas run a version: fp32 (torch, as trained), torch-int8, onnx-fp32 or onnx-int8 "
