@@ -33,17 +33,6 @@ class Overloaded(RuntimeError):
     """More items wait for a forward pass in this replica than it may queue: refused now, not queued."""
 
 
-class ModelRefused(RuntimeError):
-    """The registry has the version, but it is not the pipeline's work (require_lineage): not served."""
-
-    def __init__(self, model_id: str, reason: str) -> None:
-        super().__init__(model_id, reason)
-        self.model_id, self.reason = model_id, reason
-
-    def __str__(self) -> str:
-        return f"model {self.model_id} is not served: {self.reason}"
-
-
 class ModelLoadError(RuntimeError):
     """A version could not be loaded on this replica; the replica keeps serving the others."""
 
@@ -53,6 +42,13 @@ class ModelLoadError(RuntimeError):
 
     def __str__(self) -> str:
         return f"model {self.model_id} could not be loaded: {self.reason}"
+
+
+class ModelRefused(ModelLoadError):
+    """The registry has the version, but it is not the pipeline's work (require_lineage): not served."""
+
+    def __str__(self) -> str:
+        return f"model {self.model_id} is not served: {self.reason}"
 
 
 @dataclass
@@ -139,7 +135,7 @@ class ModelPool:
                 self.resolver.resolve, parse_model_id(self.args.default_model, self.args.model_name)
             )
             await self.get_model(ref.concrete)
-        except (UnknownModel, RegistryUnavailable, ModelLoadError, ModelRefused) as exc:
+        except (UnknownModel, RegistryUnavailable, ModelLoadError) as exc:
             log.warning("default model %s not loaded at start: %s", self.args.default_model, exc)
 
     async def _load(self, model_id: str) -> Loaded:
