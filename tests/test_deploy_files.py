@@ -72,6 +72,10 @@ def test_cluster_yaml_passes_rays_validation() -> None:
     head = " ".join(config["head_start_ray_commands"])
     assert '--backend-store-uri "postgresql://' in head and "--artifacts-destination" in head
     assert "--dashboard-host=127.0.0.1" in head
+    # the protected registry by default: MLflow's auth app, its users made on the head, every node's roles named
+    assert "mlflow server --app-name basic-auth" in head and "ray_app.registry_auth users" in head
+    for c in (c for c in starts if "ray start" in c):
+        assert "RAY_APP_MLFLOW_CREDENTIALS=" in c and "RAY_APP_MLFLOW_SERVE_CREDENTIALS=" in c, c
 
 
 def test_cluster_yaml_local_file_mounts_exist() -> None:
@@ -138,8 +142,12 @@ def test_kuberay_cluster_has_gpu_autoscaling_auth_and_limits(name: str) -> None:
     assert spec["rayVersion"] == ray.__version__
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    role = "reader" if name == "rayservice" else "writer"  # serving only reads the registry; training writes
     for c in containers:
         assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), c["name"]
+        env = {e["name"]: e for e in c["env"]}
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # from a Secret, never inline
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] == f"ray-app-mlflow-{role}", (c["name"], var)
     gpu = [
         g
         for g in spec["workerGroupSpecs"]

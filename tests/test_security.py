@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -115,18 +118,34 @@ def test_secret_scan_can_fail() -> None:
     assert _secret_values({"env": {"RAY_AUTH_TOKEN": "${{ secrets.RAY_AUTH_TOKEN }}"}}) == []
 
 
+def _registry_auth(*args: str) -> str:
+    """`python -m ray_app.registry_auth ...` as cluster.yaml's head command runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_app.registry_auth", *args], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def protected_mlflow(tmp_path_factory: pytest.TempPathFactory):
-    """An MLflow server with its own authentication, the writer and reader users and their credentials files."""
+    """An MLflow server with its own authentication, set up the way a cluster head does it (cluster.yaml): the
+    credentials files made once, the server started with the admin's, the writer and reader made from theirs, and
+    made again (a head restart) without harm."""
     from ray_app.local import free_port, start_mlflow, stop_mlflow
-    from ray_app.registry_auth import Credentials, create_users, new_password, write_credentials
+    from ray_app.registry_auth import read_credentials
 
     root = tmp_path_factory.mktemp("mlflow-auth")
-    admin, port = Credentials("admin", new_password()), free_port()
-    pid = start_mlflow(root, port, admin=admin)
+    files = {role: root / "credentials" / role for role in ("admin", "writer", "reader")}
+    _registry_auth("credentials", str(root / "credentials"))
+    port = free_port()
+    pid = start_mlflow(root, port, admin=read_credentials(files["admin"]))
     uri = f"http://127.0.0.1:{port}"
-    users = create_users(uri, admin, "protected-classifier")
-    files = {role: write_credentials(root / "credentials" / role, creds) for role, creds in users.items()}
+    users_args = ["users", "--tracking-uri", uri, "--model-name", "protected-classifier"]
+    users_args += [arg for role, path in files.items() for arg in (f"--{role}", str(path))]
+    _registry_auth(*users_args)
+    _registry_auth(*users_args)
+    users = {role: read_credentials(files[role]) for role in ("writer", "reader")}
     yield {"uri": uri, "users": users, "files": files, "model": "protected-classifier"}
     stop_mlflow(pid, root)
 
@@ -178,6 +197,22 @@ def test_protected_registry_refuses_anonymous_and_reader_writes_and_still_serves
     assert classifier.predict_proba(["YOLO for video frames"]).shape == (1, len(cfg.data.labels))
 
 
+def test_registry_auth_server_env_is_what_the_server_needs(tmp_path) -> None:
+    """`server-env` prints shell lines that set exactly what `start_mlflow(admin=...)` passes to the server."""
+    from ray_app.registry_auth import read_credentials, server_env
+
+    _registry_auth("credentials", str(tmp_path / "c"))
+    assert "kept" in _registry_auth("credentials", str(tmp_path / "c"))  # a second run keeps the passwords
+    printed = _registry_auth("server-env", "--root", str(tmp_path / "s"), "--admin", str(tmp_path / "c" / "admin"))
+    shown = subprocess.run(
+        ["bash", "-c", f"{printed}\nenv -0"], capture_output=True, text=True, check=True, env={}
+    ).stdout
+    env = dict(item.split("=", 1) for item in shown.split("\0") if "=" in item)
+    expected = server_env(tmp_path / "s", read_credentials(tmp_path / "c" / "admin"))
+    assert {k: env[k] for k in expected} == expected
+    assert stat.S_IMODE(Path(expected["MLFLOW_AUTH_CONFIG_PATH"]).stat().st_mode) == 0o600
+
+
 def test_credentials_files_others_can_read_are_refused(tmp_path) -> None:
     from ray_app.registry_auth import Credentials, read_credentials, write_credentials
 
@@ -188,3 +223,27 @@ def test_credentials_files_others_can_read_are_refused(tmp_path) -> None:
     path.chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         read_credentials(path)
+
+
+def test_a_node_names_the_writer_for_jobs_and_the_reader_for_serving(tmp_path, monkeypatch) -> None:
+    """cluster.yaml sets both files on every node: jobs (`use_node_credentials`) write as the writer, replicas
+    (`use_credentials` with no registry_credentials in the serve config) read as the reader; a config's own file
+    wins over both."""
+    from ray_app.registry_auth import (
+        CREDENTIALS_ENV,
+        SERVE_CREDENTIALS_ENV,
+        Credentials,
+        use_credentials,
+        use_node_credentials,
+        write_credentials,
+    )
+
+    files = {n: write_credentials(tmp_path / n, Credentials(n, f"pw-{n}")) for n in ("writer", "reader", "other")}
+    monkeypatch.setenv(CREDENTIALS_ENV, str(files["writer"]))
+    monkeypatch.setenv(SERVE_CREDENTIALS_ENV, str(files["reader"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)  # both restored after the test
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert use_node_credentials() == Credentials("writer", "pw-writer")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    assert use_credentials(None) == Credentials("reader", "pw-reader")
+    assert use_credentials(str(files["other"])) == Credentials("other", "pw-other")
