@@ -110,3 +110,20 @@ def test_batching_off_is_one_request_per_pass() -> None:
         return run.batches
 
     assert [len(p) for _, p in asyncio.run(go())] == [1, 1, 1, 1]
+
+
+def test_the_pass_under_way_is_counted_apart_from_the_queue() -> None:
+    """The pool's wait bound adds `running` to `queued()`: a newcomer waits for the pass under way too."""
+
+    async def go():
+        batcher = DrainBatcher(Recorder(seconds=0.05), max_items=32)
+        first = asyncio.create_task(batcher.submit("m", 0, 3))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher.submit("m", i, 2)) for i in range(1, 3)]
+        await asyncio.sleep(0)
+        during = (batcher.running, batcher.queued())
+        await asyncio.gather(first, *rest)
+        return during, (batcher.running, batcher.queued())
+
+    during, after = asyncio.run(go())
+    assert during == (3, 4) and after == (0, 0)

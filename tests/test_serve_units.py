@@ -302,7 +302,14 @@ class SlowRegistry:
     def __init__(self) -> None:
         import threading
 
-        self.gate, self.calls = threading.Event(), 0
+        self.gate, self.calls, self.searches = threading.Event(), 0, 0
+
+    def search_model_versions(self, filter_string, max_results, order_by):
+        from types import SimpleNamespace
+
+        self.searches += 1
+        assert order_by == ["version_number DESC"] and max_results == 1
+        return [SimpleNamespace(version="3")] if filter_string == "name='m'" else []
 
     def get_model_version(self, name, version):
         from mlflow.exceptions import MlflowException
@@ -332,6 +339,29 @@ def test_unknown_ids_are_remembered_for_the_ttl_and_a_failed_version_is_asked_ag
     assert resolver.resolve(known) == known and resolver.cached(known) == known
     resolver.forget(known)  # its load failed: perhaps deleted
     assert resolver.cached(known) is None
+
+
+def test_a_miss_makes_every_higher_version_unknown_without_a_lookup_for_the_ttl():
+    from ray_app.serve.ids import UnknownModel
+
+    registry, clock = SlowRegistry(), FakeClock()
+    registry.gate.set()
+    resolver = Resolver(registry, ttl_s=5, clock=clock)
+    with pytest.raises(UnknownModel):
+        resolver.resolve(ModelRef("m", version="9"))
+    for version in range(10, 1000):  # a flood of new numbers: answered from the cache
+        with pytest.raises(UnknownModel, match="newest version is 3"):
+            resolver.cached(ModelRef("m", version=str(version)))
+    assert (registry.calls, registry.searches) == (1, 1)
+    assert resolver.cached(ModelRef("m", version="2")) is None  # at or below the newest: the registry decides
+    with pytest.raises(UnknownModel):  # a model with no versions: every number is unknown
+        resolver.resolve(ModelRef("other", version="1"))
+    with pytest.raises(UnknownModel, match="none"):
+        resolver.cached(ModelRef("other", version="5"))
+    clock.now = 1.1  # a version registered meanwhile is asked about again a second later
+    assert resolver.cached(ModelRef("m", version="4")) is None
+    with pytest.raises(UnknownModel):  # while the id that missed stays unknown for the whole ttl_s
+        resolver.cached(ModelRef("m", version="9"))
 
 
 def test_lookups_are_shared_per_id_bounded_and_busy_beyond_the_bound():
@@ -455,13 +485,13 @@ def test_new_ids_are_looked_up_at_a_bounded_rate():
         registry, clock = SlowRegistry(), FakeClock()
         registry.gate.set()
         lookups = Lookups(Resolver(registry, ttl_s=5, clock=clock), per_s=2, clock=clock)
-        for v in ("11", "12"):
+        for name in ("x", "y"):  # new names: no newest version to decide by
             with pytest.raises(UnknownModel):
-                await lookups.resolve(ModelRef("m", version=v))
+                await lookups.resolve(ModelRef(name, version="1"))
         with pytest.raises(RegistryBusy):  # a third new id in the same second
-            await lookups.resolve(ModelRef("m", version="13"))
+            await lookups.resolve(ModelRef("z", version="1"))
         with pytest.raises(UnknownModel):  # a known miss is answered from the cache, outside the rate
-            await lookups.resolve(ModelRef("m", version="11"))
+            await lookups.resolve(ModelRef("x", version="1"))
         clock.now = 1.0
         assert await lookups.resolve(ModelRef("m", version="1")) == ModelRef("m", version="1")
         assert registry.calls == 3

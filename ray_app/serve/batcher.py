@@ -37,6 +37,7 @@ class DrainBatcher:
         self._queues: dict[str, deque[_Waiting]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.running = 0  # items in the forward pass under way: a newcomer waits for it too
 
     def queued(self) -> int:
         """Items waiting for a forward pass (not counting the one running)."""
@@ -79,6 +80,7 @@ class DrainBatcher:
                     await self._answer(key, batch)
 
     async def _answer(self, key: str, batch: list[_Waiting]) -> None:
+        self.running = sum(w.items for w in batch)
         try:
             results = await self._run(key, [w.payload for w in batch])
         except Exception as exc:  # noqa: BLE001 - the batch's callers get the error; the loop serves the next batch
@@ -86,6 +88,8 @@ class DrainBatcher:
                 if not waiting.future.done():
                     waiting.future.set_exception(exc)
             return
+        finally:
+            self.running = 0
         for waiting, result in zip(batch, results, strict=True):
             if not waiting.future.done():
                 waiting.future.set_result(result)

@@ -62,12 +62,17 @@ def parse_model_id(text: str, default_name: str) -> ModelRef:
     return ModelRef(match["name"] or default_name, version=match["version"], alias=match["alias"])
 
 
+NEWEST_TTL_S = 1.0  # how long a model's newest version number decides that higher numbers are unknown
+
+
 class Resolver:
     """Alias -> version through the MLflow registry, cached for `ttl_s` so a promotion shows within seconds.
 
     Concrete versions are checked once and cached until a load of theirs fails (`forget`): a version number never
     changes meaning, but it can be deleted. Ids the registry does not know are cached as unknown for `ttl_s` too, so
-    a flood of them is answered without asking again.
+    a flood of them is answered without asking again; and a miss also asks for the model's newest version number,
+    so for NEWEST_TTL_S every number above it is unknown without a lookup (a flood of new numbers costs two registry
+    calls a second, not one per id). A version registered meanwhile is servable by number a second later at most.
     """
 
     def __init__(self, client, ttl_s: float, clock=time.monotonic) -> None:
@@ -77,6 +82,7 @@ class Resolver:
         self._aliases: dict[tuple[str, str], tuple[str, float]] = {}
         self._known: set[tuple[str, str]] = set()
         self._unknown: dict[ModelRef, float] = {}
+        self._newest: dict[str, tuple[int, float]] = {}  # name -> (newest version number, valid until)
 
     def cached(self, ref: ModelRef) -> ModelRef | None:
         """The answer without asking the registry, when it is known and fresh; None when `resolve` must ask.
@@ -86,7 +92,12 @@ class Resolver:
         if ref.alias is not None:
             hit = self._aliases.get((ref.name, ref.alias))
             return ModelRef(ref.name, version=hit[0], alias=ref.alias) if hit and hit[1] > self._clock() else None
-        return ref if (ref.name, ref.version) in self._known else None
+        if (ref.name, ref.version) in self._known:
+            return ref
+        newest, until = self._newest.get(ref.name, (0, 0.0))
+        if until > self._clock() and int(ref.version) > newest:
+            raise UnknownModel(f"model {ref} is not in the registry (its newest version is {newest or 'none'})")
+        return None
 
     def stale(self, ref: ModelRef) -> ModelRef | None:
         """An alias's last answer even past its TTL: served while a refresh runs, so known traffic never waits."""
@@ -111,6 +122,8 @@ class Resolver:
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 self._unknown[ref] = self._clock() + self._ttl
+                if ref.version is not None:
+                    self._look_up_newest(ref.name)
                 if ref.alias is not None:  # the alias was removed: its last answer must not be served any more
                     self._aliases.pop((ref.name, ref.alias), None)
                 if len(self._unknown) > 10_000:  # bounded: drop what has expired
@@ -120,6 +133,18 @@ class Resolver:
             raise RegistryUnavailable(f"the model registry could not resolve {ref}: {exc.error_code}") from None
         except OSError as exc:
             raise RegistryUnavailable(f"the model registry is unreachable: {exc}") from None
+
+    def _look_up_newest(self, name: str) -> None:
+        """The newest version number of `name` (0: no such model), valid for NEWEST_TTL_S; best effort."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self._client.search_model_versions(
+                f"name='{name}'", max_results=1, order_by=["version_number DESC"]
+            )
+        except (MlflowException, OSError):
+            return  # the next miss asks again; the id itself is already cached as unknown
+        self._newest[name] = (int(found[0].version) if found else 0, self._clock() + min(self._ttl, NEWEST_TTL_S))
 
     def _alias(self, name: str, alias: str) -> str:
         now = self._clock()

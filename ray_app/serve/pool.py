@@ -225,7 +225,8 @@ class ModelPool:
         queued = self.batcher.queued()
         if queued + items > self.args.max_queued_items:
             return f"{queued} items wait for a forward pass in this replica (at most {self.args.max_queued_items})"
-        if self._items_per_s and queued and (wait := (queued + items) / self._items_per_s) > self.args.max_queue_wait_s:
+        ahead = queued + self.batcher.running  # the pass under way is ahead of a newcomer too
+        if self._items_per_s and queued and (wait := (ahead + items) / self._items_per_s) > self.args.max_queue_wait_s:
             return f"{queued} items wait, about {wait:.1f} s of work (at most {self.args.max_queue_wait_s:g} s)"
         return None
 
