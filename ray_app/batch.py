@@ -298,7 +298,7 @@ def resolve_model(model_id: str, default_name: str) -> tuple[str, str]:
     """The serving grammar (NAME/VERSION, NAME@ALIAS, VERSION, @ALIAS) -> (name, concrete version)."""
     from mlflow.tracking import MlflowClient
 
-    from ray_app.serve.ids import BadModelId, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
+    from ray_app.model_ids import BadModelId, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
 
     try:
         ref = Resolver(MlflowClient(), ttl_s=0).resolve(parse_model_id(model_id, default_name))

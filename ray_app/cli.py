@@ -250,9 +250,9 @@ def canary_report(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Re
     """Challenger vs champion on live traffic from the prediction log: promote, hold or roll back, with the numbers."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
+        from ray_app.canary_report import canary_report as report
+        from ray_app.canary_report import format_report, read_log
         from ray_app.registry import CHALLENGER, CHAMPION, aliases
-        from ray_app.serve.report import canary_report as report
-        from ray_app.serve.report import format_report, read_log
 
         tracking = _connect(cfg, ray=False)
         current = aliases(cfg.registry)

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 from ray_app.config import AppConfig, DataConfig
 from ray_app.errors import AppError
+from ray_app.storage import filesystem
 
 PREFIX = "feedback-"
 SCHEMA = pa.schema(
@@ -38,15 +39,6 @@ SCHEMA = pa.schema(
         ("received_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path (with ~) or any pyarrow filesystem URI (s3://, gs://) -> (filesystem, path inside it)."""
-    full = uri if "://" in uri else "file://" + str(Path(uri).expanduser().resolve())
-    try:
-        return pafs.FileSystem.from_uri(full)
-    except (OSError, ValueError) as exc:
-        raise AppError(f"{uri} is not a path or filesystem URI pyarrow can open: {exc}") from None
 
 
 def read_labels(path: Path) -> pd.DataFrame:
@@ -89,7 +81,7 @@ def join_labels(labels: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
     A request logged on several routes (primary and shadow) keeps its primary row. A request id the caller reused
     for several requests names no single answer: those labels are `ambiguous` (and not matched), never joined to
     whichever request came first."""
-    from ray_app.serve.predlog import with_served_key
+    from ray_app.prediction_log import with_served_key
 
     served = with_served_key(log[log["status"] == 200])
     served["_key"] = served.pop("served_id")
@@ -108,7 +100,7 @@ def join_labels(labels: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
 def store_rows(joined: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, int]]:
     """Labelled rows checked by the training data's own row rules; returns (good rows in the store's schema, bad
     rows counted by reason)."""
-    from ray_app.data import validate_batch
+    from ray_app.rows import validate_batch
 
     reasons = pd.Series("", index=joined.index, dtype=object)
     reasons[joined["ambiguous"]] = "ambiguous_request_id"  # a reused X-Request-Id: which answer is unknown
@@ -178,7 +170,7 @@ def read_store(uri: str) -> pd.DataFrame:
 def training_rows(cfg: DataConfig, bundled: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, int]]:
     """Store rows for the training split, re-checked against this config: a text already among the validation or
     test rows would leak into training (dropped), one already in training adds nothing (dropped)."""
-    from ray_app.data import normalize, validate_batch
+    from ray_app.rows import normalize, validate_batch
 
     store = read_store(cfg.feedback_uri)
     columns = [cfg.id_column, *cfg.text_columns, "label", "text"]
@@ -199,7 +191,7 @@ def add_feedback(cfg: AppConfig, path: Path) -> dict:
     """`ray-app feedback FILE`: join, check and append; returns what was stored and what was not, by reason."""
     from ray.data.expressions import col
 
-    from ray_app.monitor import read_log
+    from ray_app.prediction_log import read_log
 
     if not cfg.data.feedback_uri:
         raise AppError("data.feedback_uri is not set: name the feedback store directory (configs/default.yaml uses "

@@ -28,18 +28,15 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import ray
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ray_app.config import AppConfig, MonitorConfig
 from ray_app.drift import EMBEDDING, Drift, run_drift
 from ray_app.errors import AppError
-from ray_app.feedback import filesystem
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
+from ray_app.prediction_log import read_log
 from ray_app.registry import load_classifier
-from ray_app.serve.predlog import PREFIX as LOG_PREFIX
-from ray_app.serve.predlog import SCHEMA as LOG_SCHEMA
 from ray_app.text import join_text
 
 log = logging.getLogger("ray_app")
@@ -127,7 +124,7 @@ def log_reference(
 
 def resolve_version(model_id: str, default_name: str) -> tuple[str, str]:
     """`NAME/VERSION`, `NAME@ALIAS`, `VERSION` or `@ALIAS` (the serving grammar) -> (name, version)."""
-    from ray_app.serve.ids import BadModelId, parse_model_id
+    from ray_app.model_ids import BadModelId, parse_model_id
 
     try:
         ref = parse_model_id(model_id, default_name)
@@ -160,35 +157,6 @@ def load_reference(name: str, version: str) -> tuple[pd.DataFrame, str]:
             f"the drift reference {path} of {name} version {version} (run {mv.run_id}) cannot be read: "
             f"{str(exc).splitlines()[0]}"
         ) from None
-
-
-def read_log(uri: str, where=None) -> pd.DataFrame:
-    """Finished files of the prediction log, read with Ray Data (a writer's temp files end in .tmp and are skipped);
-    `where` is a Ray Data predicate expression, applied with Arrow while reading."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError as exc:
-        raise AppError(f"prediction log {uri} cannot be listed: {exc}") from None
-    if not any(i.base_name.startswith(LOG_PREFIX) and i.base_name.endswith(".parquet") for i in infos):
-        raise AppError(
-            f"prediction log {uri} has no prediction files (missing directory, or nothing served yet); point "
-            "monitor.log_uri at serve_config.yaml's prediction_log.uri and send traffic first"
-        )
-    try:
-        # the log's schema, so files written before a column existed (served_id) read beside newer ones
-        ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"], schema=LOG_SCHEMA)
-        if where is not None:  # an Expr: its truth value is not a plain bool
-            ds = ds.filter(expr=where)
-        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-        # Not ds.to_pandas(): since Ray 2.56 it gives pd.ArrowDtype columns, whose `.values` are object arrays that
-        # Evidently's correlation step cannot average. Arrow's own conversion gives numpy dtypes.
-        return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
-    except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
-        raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass
@@ -246,9 +214,9 @@ def current_frame(clf, window: Window) -> pd.DataFrame:
 def feedback_quality(cfg: AppConfig, labels_path: Path, window: Window, reference: pd.DataFrame) -> dict[str, Any]:
     """Accuracy and F1 of the served answers on the labelled ones, with Evidently's classification report (the
     reference's own held-out quality beside it)."""
-    from ray_app.data import map_label
     from ray_app.evaluate import scores
     from ray_app.feedback import join_labels, read_labels
+    from ray_app.rows import map_label
 
     joined = join_labels(read_labels(labels_path), window.rows)
     joined["target"] = joined["label"].map(lambda raw: map_label(raw, cfg.data))

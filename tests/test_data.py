@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from ray_app.config import DataConfig
-from ray_app.data import assign_splits, map_label, mark_duplicates, mark_leakage, prepare, validate_batch
+from ray_app.data import assign_splits, mark_duplicates, mark_leakage, prepare
 from ray_app.errors import AppError
+from ray_app.rows import map_label, validate_batch
 
 HERE = Path(__file__).resolve().parent
 BUNDLED = HERE.parent / "data" / "projects" / "dataset.csv"

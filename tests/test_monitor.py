@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from ray_app.errors import AppError
 from ray_app.feedback import read_labels
 from ray_app.model import load_tokenizer
-from ray_app.monitor import read_log, wordpiece_share
+from ray_app.monitor import wordpiece_share
+from ray_app.prediction_log import read_log
 from ray_app.registry import load_classifier
 from tests.conftest import ROOT, smoke_config
 from tests.serving import register_version, wait_until
@@ -91,7 +92,8 @@ def test_log_files_from_before_served_id_read_beside_newer_ones(ray_cluster, tmp
     import pyarrow.parquet as pq
 
     from ray_app.feedback import join_labels
-    from ray_app.serve.predlog import SCHEMA, PredictionLog
+    from ray_app.prediction_log import SCHEMA
+    from ray_app.serve.predlog import PredictionLog
     from ray_app.serve.settings import PredictionLogSettings
 
     def row(request_id: str, served_id: str | None) -> dict:
@@ -139,7 +141,8 @@ def monitored(smoke_run, mlflow_server, ray_cluster, tiny_model, storage, tmp_pa
 def write_log(directory: Path, m: dict, rows: pd.DataFrame, store_text: bool = True) -> list[str]:
     """Rows served by the version, as the ingress logs them (real writer), plus rows a check must leave out: a
     shadow duplicate, a failed request and another version's answer. Returns the request ids, in order."""
-    from ray_app.serve.predlog import PredictionLog, text_fields
+    from ray_app.prediction_log import text_fields
+    from ray_app.serve.predlog import PredictionLog
     from ray_app.serve.settings import PredictionLogSettings
     from ray_app.text import join_text
 

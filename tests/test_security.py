@@ -166,9 +166,9 @@ def test_protected_registry_refuses_anonymous_and_reader_writes_and_still_serves
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from ray_app.model_ids import Resolver, parse_model_id
     from ray_app.registry import load_classifier
     from ray_app.registry_auth import read_credentials, use_node_credentials
-    from ray_app.serve.ids import Resolver, parse_model_id
     from tests.conftest import smoke_config
     from tests.serving import register_version
 

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ray_app.canary_report import ROLLBACK, canary_report, read_log
 from ray_app.errors import AppError
 from ray_app.local import BIN, free_port
 from ray_app.serve.app import DEPLOYMENT
-from ray_app.serve.report import ROLLBACK, canary_report, read_log
 from ray_app.serve.settings import TrafficPolicy
 from tests.conftest import ROOT, smoke_config
 from tests.serving import deploy_config, register_version, serve_deploy, wait_until

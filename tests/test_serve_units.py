@@ -10,11 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from ray_app.canary_report import HOLD, PROMOTE, ROLLBACK, canary_report
 from ray_app.config import CanaryConfig
-from ray_app.serve.ids import BadModelId, ModelRef, Resolver, parse_model_id
+from ray_app.model_ids import BadModelId, ModelRef, Resolver, parse_model_id
+from ray_app.prediction_log import text_fields
 from ray_app.serve.policy import Guard, bucket, choose
-from ray_app.serve.predlog import PredictionLog, text_fields
-from ray_app.serve.report import HOLD, PROMOTE, ROLLBACK, canary_report
+from ray_app.serve.predlog import PredictionLog
 from ray_app.serve.settings import CanaryGuard, PredictionLogSettings, ServeArgs, TrafficPolicy
 
 
@@ -323,7 +324,7 @@ class SlowRegistry:
 
 
 def test_unknown_ids_are_remembered_for_the_ttl_and_a_failed_version_is_asked_again():
-    from ray_app.serve.ids import UnknownModel
+    from ray_app.model_ids import UnknownModel
 
     registry, clock = SlowRegistry(), FakeClock()
     registry.gate.set()
@@ -342,7 +343,7 @@ def test_unknown_ids_are_remembered_for_the_ttl_and_a_failed_version_is_asked_ag
 
 
 def test_a_miss_makes_every_higher_version_unknown_without_a_lookup_for_the_ttl():
-    from ray_app.serve.ids import UnknownModel
+    from ray_app.model_ids import UnknownModel
 
     registry, clock = SlowRegistry(), FakeClock()
     registry.gate.set()
@@ -365,7 +366,7 @@ def test_a_miss_makes_every_higher_version_unknown_without_a_lookup_for_the_ttl(
 
 
 def test_lookups_are_shared_per_id_bounded_and_busy_beyond_the_bound():
-    from ray_app.serve.ids import Lookups, RegistryBusy, UnknownModel
+    from ray_app.model_ids import Lookups, RegistryBusy, UnknownModel
 
     async def scenario() -> None:
         registry = SlowRegistry()
@@ -384,7 +385,7 @@ def test_lookups_are_shared_per_id_bounded_and_busy_beyond_the_bound():
 
 
 def test_an_alias_past_its_ttl_is_served_from_its_last_answer_while_it_refreshes():
-    from ray_app.serve.ids import Lookups
+    from ray_app.model_ids import Lookups
 
     async def scenario() -> None:
         registry, clock = CountingRegistry(), FakeClock()
@@ -479,7 +480,7 @@ def test_edge_wants_the_api_key_everywhere_but_health():
 
 
 def test_new_ids_are_looked_up_at_a_bounded_rate():
-    from ray_app.serve.ids import Lookups, RegistryBusy, UnknownModel
+    from ray_app.model_ids import Lookups, RegistryBusy, UnknownModel
 
     async def scenario() -> None:
         registry, clock = SlowRegistry(), FakeClock()

@@ -19,9 +19,7 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.serve import schemas
-from ray_app.serve.edge import EdgeGuard, error_body
-from ray_app.serve.ids import (
+from ray_app.model_ids import (
     BadModelId,
     Lookups,
     ModelRef,
@@ -31,9 +29,12 @@ from ray_app.serve.ids import (
     UnknownModel,
     parse_model_id,
 )
+from ray_app.prediction_log import text_fields
+from ray_app.serve import schemas
+from ray_app.serve.edge import EdgeGuard, error_body
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.pool import ModelLoadError, ModelPool, ModelRefused, Overloaded
-from ray_app.serve.predlog import PredictionLog, text_fields
+from ray_app.serve.predlog import PredictionLog
 from ray_app.serve.schemas import ApiError, Health, Models, Prediction, PredictRequest, PredictResponse, Ready
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
 from ray_app.text import join_parts

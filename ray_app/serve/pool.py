@@ -20,8 +20,8 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
+from ray_app.model_ids import Resolver, parse_model_id
 from ray_app.serve.batcher import DrainBatcher
-from ray_app.serve.ids import Resolver, parse_model_id
 from ray_app.serve.settings import ServeArgs
 
 log = logging.getLogger("ray.serve")
@@ -128,7 +128,7 @@ class ModelPool:
 
     async def _preload_default(self) -> None:
         """Load the default model (the champion) now, so the first request after a deploy is not a cold one."""
-        from ray_app.serve.ids import RegistryUnavailable, UnknownModel
+        from ray_app.model_ids import RegistryUnavailable, UnknownModel
 
         try:
             ref = await asyncio.to_thread(

@@ -1,67 +1,26 @@
-"""The prediction log: every prediction appended, off the request path, in batches to Parquet files that
-`ray.data.read_parquet` (and the monitoring stage) reads back.
+"""The prediction log's writer: every prediction appended, off the request path, in batches to Parquet files that
+`ray_app.prediction_log.read_log` (Ray Data) reads back; the schema and the readers live there.
 
 Each ingress replica buffers rows and writes its own files, so replicas never contend for one file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_app.prediction_log import PREFIX, SCHEMA
 from ray_app.serve.settings import PredictionLogSettings
+from ray_app.storage import as_uri
 
 log = logging.getLogger("ray.serve")
-SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),  # the caller's X-Request-Id (or Serve's): a reuse is the caller's to explain
-        ("served_id", pa.string()),  # unique per request served (its shadow row shares it): the log's own key
-        ("item", pa.int32()),
-        ("timestamp", pa.timestamp("ms", tz="UTC")),
-        ("route", pa.string()),
-        ("model_name", pa.string()),
-        ("model_version", pa.string()),
-        ("status", pa.int16()),
-        ("error", pa.string()),
-        ("text", pa.string()),
-        ("text_sha256", pa.string()),
-        ("text_chars", pa.int32()),
-        ("text_words", pa.int32()),
-        ("label", pa.string()),
-        ("confidence", pa.float32()),
-        ("probabilities", pa.string()),
-        ("latency_ms", pa.float32()),
-    ]
-)
-PREFIX = "predictions-"
-
-
-def with_served_key(frame):
-    """`served_id` on every row of a log frame: the log's own key per request; rows written before it existed use
-    their request id. Readers on both sides (canary report, feedback) join and count by it."""
-    import pandas as pd
-
-    key = frame["served_id"] if "served_id" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
-    return frame.assign(served_id=key.fillna(frame["request_id"]))
-
-
-def text_fields(text: str, store_text: bool) -> dict[str, Any]:
-    """Length descriptors are kept even when the text is not, so drift on length works in hashed mode too."""
-    return {
-        "text": text if store_text else None,
-        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "text_chars": len(text),
-        "text_words": len(text.split()),
-    }
 
 
 @dataclass
@@ -75,12 +34,8 @@ class PredictionLog:
     def __post_init__(self) -> None:
         self.fs, self.root = None, ""
         if self.settings.uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(self._as_uri(self.settings.uri))
+            self.fs, self.root = pafs.FileSystem.from_uri(as_uri(self.settings.uri))
             self.fs.create_dir(self.root, recursive=True)
-
-    @staticmethod
-    def _as_uri(uri: str) -> str:
-        return uri if "://" in uri else "file://" + str(Path(uri).expanduser().resolve())
 
     @property
     def enabled(self) -> bool:

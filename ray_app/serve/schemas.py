@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from ray_app.model_ids import SCHEMA_PATTERN
 from ray_app.serve.edge import OPEN_PATHS
-from ray_app.serve.ids import SCHEMA_PATTERN
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
 from ray_app.text import VISIBLE_CHAR, has_visible_text
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_app.config import DEFAULT_LABELS, Backend
-from ray_app.serve.ids import parse_model_id
+from ray_app.model_ids import parse_model_id
 
 
 class _Strict(BaseModel):

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 
 from ray_app.config import CanaryConfig
 from ray_app.errors import AppError
-from ray_app.serve.predlog import PREFIX, SCHEMA, with_served_key
+from ray_app.prediction_log import PREFIX, SCHEMA, with_served_key
 
 PROMOTE, HOLD, ROLLBACK = "promote", "hold", "rollback"
 

@@ -1,0 +1,86 @@
+"""The prediction log's contract: its schema, its file names and its readers. Serving writes it
+(`ray_app/serve/predlog.py`); monitoring, feedback and the canary report read it, each through this module, so
+neither side imports the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ray_app.errors import AppError
+from ray_app.storage import filesystem
+
+SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),  # the caller's X-Request-Id (or Serve's): a reuse is the caller's to explain
+        ("served_id", pa.string()),  # unique per request served (its shadow row shares it): the log's own key
+        ("item", pa.int32()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("route", pa.string()),
+        ("model_name", pa.string()),
+        ("model_version", pa.string()),
+        ("status", pa.int16()),
+        ("error", pa.string()),
+        ("text", pa.string()),
+        ("text_sha256", pa.string()),
+        ("text_chars", pa.int32()),
+        ("text_words", pa.int32()),
+        ("label", pa.string()),
+        ("confidence", pa.float32()),
+        ("probabilities", pa.string()),
+        ("latency_ms", pa.float32()),
+    ]
+)
+PREFIX = "predictions-"
+
+
+def with_served_key(frame):
+    """`served_id` on every row of a log frame: the log's own key per request; rows written before it existed use
+    their request id. Readers on both sides (canary report, feedback) join and count by it."""
+    import pandas as pd
+
+    key = frame["served_id"] if "served_id" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+    return frame.assign(served_id=key.fillna(frame["request_id"]))
+
+
+def text_fields(text: str, store_text: bool) -> dict[str, Any]:
+    """Length descriptors are kept even when the text is not, so drift on length works in hashed mode too."""
+    return {
+        "text": text if store_text else None,
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "text_chars": len(text),
+        "text_words": len(text.split()),
+    }
+
+
+def read_log(uri: str, where=None) -> pd.DataFrame:
+    """Finished files of the prediction log, read with Ray Data (a writer's temp files end in .tmp and are skipped);
+    `where` is a Ray Data predicate expression, applied with Arrow while reading."""
+    import pyarrow.fs as pafs
+    import ray
+
+    fs, root = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        raise AppError(f"prediction log {uri} cannot be listed: {exc}") from None
+    if not any(i.base_name.startswith(PREFIX) and i.base_name.endswith(".parquet") for i in infos):
+        raise AppError(
+            f"prediction log {uri} has no prediction files (missing directory, or nothing served yet); point "
+            "monitor.log_uri at serve_config.yaml's prediction_log.uri and send traffic first"
+        )
+    try:
+        # the log's schema, so files written before a column existed (served_id) read beside newer ones
+        ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"], schema=SCHEMA)
+        if where is not None:  # an Expr: its truth value is not a plain bool
+            ds = ds.filter(expr=where)
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        # Not ds.to_pandas(): since Ray 2.56 it gives pd.ArrowDtype columns, whose `.values` are object arrays that
+        # Evidently's correlation step cannot average. Arrow's own conversion gives numpy dtypes.
+        return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
+    except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
+        raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,23 @@
+"""Where files live: a local path (with ~) or any URI pyarrow opens (s3://, gs://), one rule for every store the
+app writes (prediction log, feedback store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from ray_app.errors import AppError
+
+
+def as_uri(uri: str) -> str:
+    """A URI as given; a local path as an absolute file:// URI."""
+    return uri if "://" in uri else "file://" + str(Path(uri).expanduser().resolve())
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path (with ~) or any pyarrow filesystem URI (s3://, gs://) -> (filesystem, path inside it)."""
+    try:
+        return pafs.FileSystem.from_uri(as_uri(uri))
+    except (OSError, ValueError) as exc:
+        raise AppError(f"{uri} is not a path or filesystem URI pyarrow can open: {exc}") from None
