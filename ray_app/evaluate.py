@@ -68,23 +68,24 @@ def build_baseline(seed: int = 0):
 def paired_bootstrap(
     y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, samples: int, seed: int = 0
 ) -> dict[str, float]:
-    """Weighted-F1 difference a - b over resamples of the same rows, with a 95 % percentile interval."""
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    diffs = np.empty(samples)
-    for i in range(samples):
-        idx = rng.integers(0, n, n)
-        diffs[i] = f1_score(y_true[idx], pred_a[idx], average="weighted", zero_division=0) - f1_score(
-            y_true[idx], pred_b[idx], average="weighted", zero_division=0
+    """Weighted-F1 difference a - b over resamples of the same rows (scipy's paired bootstrap), with a 95 %
+    percentile interval and the share of resamples where b was better."""
+    from scipy.stats import bootstrap
+
+    def diff(truth, a, b) -> float:
+        return f1_score(truth, a, average="weighted", zero_division=0) - f1_score(
+            truth, b, average="weighted", zero_division=0
         )
-    point = f1_score(y_true, pred_a, average="weighted", zero_division=0) - f1_score(
-        y_true, pred_b, average="weighted", zero_division=0
-    )
+
+    result = bootstrap(
+        (y_true, pred_a, pred_b), diff, n_resamples=samples, paired=True, vectorized=False,
+        confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
     return {
-        "f1_weighted_diff": float(point),
-        "ci_low": float(np.percentile(diffs, 2.5)),
-        "ci_high": float(np.percentile(diffs, 97.5)),
-        "p_baseline_better": float((diffs < 0).mean()),
+        "f1_weighted_diff": float(diff(y_true, pred_a, pred_b)),
+        "ci_low": float(result.confidence_interval.low),
+        "ci_high": float(result.confidence_interval.high),
+        "p_baseline_better": float((result.bootstrap_distribution < 0).mean()),
     }
 
 

@@ -38,10 +38,6 @@ class MonitorGauges:
             self.values.setdefault((model, version), {}).update({k: float(v) for k, v in values.items()})
             self._export()
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        with self.lock:
-            return {f"{model}/{version}": dict(v) for (model, version), v in self.values.items()}
-
     def _export(self) -> None:
         for (model, version), values in self.values.items():
             for key, value in values.items():
