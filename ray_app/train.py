@@ -57,9 +57,13 @@ class TrainResult:
 
 
 def class_weights(labels: list[str], train_labels: list[str]) -> list[float]:
-    """Balanced weights n / (k * count): the rare `mlops` class counts as much as the others in the loss."""
-    counts = np.array([max(train_labels.count(label), 1) for label in labels], dtype=np.float64)
-    return (counts.sum() / (len(labels) * counts)).tolist()
+    """Balanced weights, n / (k * count) (scikit-learn's): the rare `mlops` class counts as much as the others in
+    the loss. A label with no training row gets 1.0: no target carries it, so its weight never enters the loss."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    seen = np.array(sorted(set(train_labels)))
+    balanced = dict(zip(seen, compute_class_weight("balanced", classes=seen, y=np.array(train_labels)), strict=True))
+    return [float(balanced.get(label, 1.0)) for label in labels]
 
 
 class TrimPadding(NumpyBatchCollateFn):

@@ -129,3 +129,11 @@ def test_bundled_data_set_prepares(ray_cluster) -> None:
     ids = [set(s["id"]) for s in (splits.train, splits.val, splits.test)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert prepare(cfg()).report.digest == r.digest
+
+
+def test_class_weights_are_balanced_and_a_missing_class_weighs_one():
+    from ray_app.train import class_weights
+
+    train = ["a"] * 6 + ["b"] * 3 + ["c"] * 1
+    assert class_weights(["a", "b", "c"], train) == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert class_weights(["a", "b", "z"], ["a", "a", "b", "b"]) == pytest.approx([1.0, 1.0, 1.0])
