@@ -100,7 +100,7 @@ def train_and_test(cfg: AppConfig, splits: Splits, seed: int, storage: Path) -> 
     """A plain Ray Train run (no Tune, no MLflow) and its best checkpoint's weighted F1 on the test split."""
     from ray.train import Checkpoint
 
-    from ray_app.evaluate import scores
+    from ray_app.metrics import scores
     from ray_app.model import TextClassifier
     from ray_app.pipeline import with_absolute_paths
     from ray_app.train import MODEL_SUBDIR, train

@@ -17,13 +17,13 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     ConfusionMatrixDisplay,
-    accuracy_score,
     f1_score,
     precision_recall_fscore_support,
 )
 from sklearn.pipeline import FeatureUnion, make_pipeline
 
 from ray_app.config import EvaluateConfig
+from ray_app.metrics import scores
 from ray_app.model import TextClassifier
 from ray_app.text import join_text
 
@@ -44,14 +44,6 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def scores(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
 
 
 def build_baseline(seed: int = 0):

@@ -214,8 +214,8 @@ def current_frame(clf, window: Window) -> pd.DataFrame:
 def feedback_quality(cfg: AppConfig, labels_path: Path, window: Window, reference: pd.DataFrame) -> dict[str, Any]:
     """Accuracy and F1 of the served answers on the labelled ones, with Evidently's classification report (the
     reference's own held-out quality beside it)."""
-    from ray_app.evaluate import scores
     from ray_app.feedback import join_labels, read_labels
+    from ray_app.metrics import scores
     from ray_app.rows import map_label
 
     joined = join_labels(read_labels(labels_path), window.rows)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 import ray_app
 from ray_app.config import AppConfig, RegistryConfig
 from ray_app.errors import AppError
-from ray_app.evaluate import scores
+from ray_app.metrics import scores
 
 log = logging.getLogger("ray_app")
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"

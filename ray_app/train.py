@@ -18,11 +18,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
-from sklearn.metrics import accuracy_score, f1_score
 
 from ray_app.config import AppConfig, TrainConfig
 from ray_app.data import Splits, tokenize
 from ray_app.errors import AppError
+from ray_app.metrics import scores
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
 from ray_app.resources import (
     TrainingRequest,
@@ -122,12 +122,7 @@ def _evaluate(model: torch.nn.Module, batches, device: torch.device, loss_fn) ->
             preds.append(logits.argmax(-1).cpu().numpy())
             golds.append(batch["labels"].cpu().numpy())
     y_pred, y_true = np.concatenate(preds), np.concatenate(golds)
-    return {
-        "val_loss": float(sum(losses) / len(y_true)),
-        "val_accuracy": float(accuracy_score(y_true, y_pred)),
-        "val_f1_weighted": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
-        "val_f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
+    return {"val_loss": float(sum(losses) / len(y_true))} | {f"val_{k}": v for k, v in scores(y_true, y_pred).items()}
 
 
 def latency_p50_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> float:
