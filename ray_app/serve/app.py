@@ -29,4 +29,4 @@ def build_app(args: ServeArgs) -> Application:
         ray_actor_options={"num_cpus": 0.5},
         health_check_period_s=10,
         user_config={"traffic": TrafficPolicy(primary=args.default_model).model_dump()},
-    ).bind(args.model_dump())
+    ).bind(args)  # the validated settings themselves: each replica gets them typed, not a dict to validate again

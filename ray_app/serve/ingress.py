@@ -107,14 +107,14 @@ api.add_middleware(EdgeGuard, limits=_edge_limits, shed=_shed)
 
 @serve.ingress(api)
 class Ingress:
-    async def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: ServeArgs) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         from ray_app.registry_auth import use_credentials
         from ray_app.runtime import secret_from_env, serve_tracking_uri
 
-        self.args = ServeArgs.model_validate(args)
+        self.args = args  # validated once, by Serve from serve_config.yaml's args (build_app's annotation)
         use_credentials(self.args.registry_credentials)  # before any MLflow client exists
         self.pool = ModelPool(self.args)
         api.state.max_body_bytes = self.args.max_body_bytes
