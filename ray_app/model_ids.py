@@ -144,7 +144,10 @@ class Resolver:
             )
         except (MlflowException, OSError):
             return  # the next miss asks again; the id itself is already cached as unknown
-        self._newest[name] = (int(found[0].version) if found else 0, self._clock() + min(self._ttl, NEWEST_TTL_S))
+        now = self._clock()
+        if len(self._newest) > 10_000:  # bounded, as the unknown ids are: a flood of new names expires
+            self._newest = {k: v for k, v in self._newest.items() if v[1] > now}
+        self._newest[name] = (int(found[0].version) if found else 0, now + min(self._ttl, NEWEST_TTL_S))
 
     def _alias(self, name: str, alias: str) -> str:
         now = self._clock()
