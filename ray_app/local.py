@@ -222,7 +222,7 @@ def start_ray_head(
     `serve_ports`: where Serve's fast path listens (a free block when not given).
     """
     temp_dir.mkdir(parents=True, exist_ok=True)
-    agent_port = free_port()
+    agent_port, client_port = free_port(), free_port()
     cmd = [
         str(BIN / "ray"),
         "start",
@@ -232,7 +232,7 @@ def start_ray_head(
         f"--dashboard-port={dashboard_port}",
         f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir.resolve()}",
-        f"--ray-client-server-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
         f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
         *([f"--metrics-export-port={metrics_port}"] if metrics_port else []),
@@ -259,7 +259,10 @@ def start_ray_head(
     except RuntimeError:
         stop_ray_head(temp_dir)
         raise
-    return f"127.0.0.1:{port}", dashboard, pids_of(str(temp_dir.resolve()))
+    # Ray Client's proxy names no temp dir on its command line, and `ray start` (its parent) has exited: find it by
+    # its port, or it outlives the cluster
+    pids = pids_of(str(temp_dir.resolve())) + pids_of(f"ray.util.client.server .*--port={client_port} ")
+    return f"127.0.0.1:{port}", dashboard, sorted(set(pids))
 
 
 def with_descendants(pids: list[int]) -> list[int]:
