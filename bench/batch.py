@@ -140,9 +140,9 @@ def main() -> None:
 
 
 def measure(args, base: AppConfig, tracking_uri: str, model_id: str, work: Path) -> tuple[list[dict], dict]:
-    from ray_app.batch import resolve_model
+    from ray_app.model_ids import resolve_once
 
-    name, version = resolve_model(model_id, base.registry.model_name)
+    name, version = resolve_once(model_id, base.registry.model_name)
     uri = f"models:/{name}/{version}"
     path = make_input(base, args.rows, work / "input.csv")
     small = make_input(base, 256, work / "warmup.csv")

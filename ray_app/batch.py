@@ -27,6 +27,7 @@ import pandas as pd
 
 from ray_app.config import AppConfig, BatchConfig
 from ray_app.errors import AppError
+from ray_app.model_ids import resolve_once
 from ray_app.text import has_visible_text, join_text
 
 log = logging.getLogger("ray_app")
@@ -294,23 +295,6 @@ def read_checked(files: list[str], fmt: str, cfg: AppConfig):
 # ---- the model ------------------------------------------------------------------------------------------------
 
 
-def resolve_model(model_id: str, default_name: str) -> tuple[str, str]:
-    """The serving grammar (NAME/VERSION, NAME@ALIAS, VERSION, @ALIAS) -> (name, concrete version)."""
-    from mlflow.tracking import MlflowClient
-
-    from ray_app.model_ids import BadModelId, RegistryUnavailable, Resolver, UnknownModel, parse_model_id
-
-    try:
-        ref = Resolver(MlflowClient(), ttl_s=0).resolve(parse_model_id(model_id, default_name))
-    except BadModelId as exc:
-        raise AppError(str(exc)) from None
-    except UnknownModel as exc:
-        raise AppError(f"{exc}; list versions and aliases in the MLflow UI or with `mlflow models`") from None
-    except RegistryUnavailable as exc:
-        raise AppError(f"{exc}; check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
-    return ref.name, str(ref.version)
-
-
 class Predictor:
     """Ray Data callable class: the registered version loads once per actor, then predicts batch after batch."""
 
@@ -425,7 +409,7 @@ def run_batch(
     files, fmt = find_inputs(input_pattern)
     id_column = cfg.data.id_column
     check_columns(files, fmt, [id_column, *cfg.data.text_columns])
-    name, version = resolve_model(model_id, cfg.registry.model_name)
+    name, version = resolve_once(model_id, cfg.registry.model_name)
     pred_dir, errors_path = _prepare_output(output, f"errors.{bcfg.errors_format}", overwrite)
     with _stage(f"reading {fmt} input {input_pattern}"):
         checked, malformed = read_checked(files, fmt, cfg)

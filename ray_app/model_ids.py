@@ -159,6 +159,24 @@ class Resolver:
         return version
 
 
+def resolve_once(model_id: str, default_name: str) -> tuple[str, str]:
+    """One id -> (name, concrete version), uncached, for a job that pins a version at its start (batch inference,
+    a drift check), so an alias moved half-way through never mixes two versions. Errors are the user's to read."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_app.errors import AppError
+
+    try:
+        ref = Resolver(MlflowClient(), ttl_s=0).resolve(parse_model_id(model_id, default_name))
+    except BadModelId as exc:
+        raise AppError(str(exc)) from None
+    except UnknownModel as exc:
+        raise AppError(f"{exc}; list versions and aliases in the MLflow UI (or check registry.model_name)") from None
+    except RegistryUnavailable as exc:
+        raise AppError(f"{exc}; check mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+    return ref.name, str(ref.version)
+
+
 class RegistryBusy(RuntimeError):
     """More registry lookups are in flight or waiting in this replica than it allows (503, retry later)."""
 

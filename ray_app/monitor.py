@@ -35,8 +35,10 @@ from ray_app.config import AppConfig, MonitorConfig
 from ray_app.drift import EMBEDDING, Drift, run_drift
 from ray_app.errors import AppError
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
+from ray_app.model_ids import resolve_once
 from ray_app.prediction_log import read_log
 from ray_app.registry import load_classifier
+from ray_app.runtime import experiment_id
 from ray_app.text import join_text
 
 log = logging.getLogger("ray_app")
@@ -120,24 +122,6 @@ def log_reference(
 
 
 # ---- what is checked: a version, its reference and a window of its traffic -------------------------------------------
-
-
-def resolve_version(model_id: str, default_name: str) -> tuple[str, str]:
-    """`NAME/VERSION`, `NAME@ALIAS`, `VERSION` or `@ALIAS` (the serving grammar) -> (name, version)."""
-    from ray_app.model_ids import BadModelId, parse_model_id
-
-    try:
-        ref = parse_model_id(model_id, default_name)
-    except BadModelId as exc:
-        raise AppError(str(exc)) from None
-    client = MlflowClient()
-    try:
-        if ref.alias is not None:
-            return ref.name, str(client.get_model_version_by_alias(ref.name, ref.alias).version)
-        client.get_model_version(ref.name, ref.version)
-        return ref.name, ref.version
-    except MlflowException:
-        raise AppError(f"model {ref} is not in the registry; check --model and registry.model_name") from None
 
 
 def load_reference(name: str, version: str) -> tuple[pd.DataFrame, str]:
@@ -318,17 +302,6 @@ def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -
 # ---- one check -------------------------------------------------------------------------------------------------------
 
 
-def experiment_id(cfg: AppConfig) -> str:
-    name = cfg.monitor.experiment
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location=cfg.mlflow.artifact_location)
-    except MlflowException:  # created by a concurrent check
-        return mlflow.get_experiment_by_name(name).experiment_id
-
-
 def _metrics(drift: Drift, feedback: dict[str, Any] | None, window: Window) -> dict[str, float]:
     metrics = {"drift_share": drift.share, "drift_detected": float(drift.detected), "window_rows": window.info["rows"]}
     for column, result in drift.columns.items():
@@ -342,7 +315,7 @@ def _metrics(drift: Drift, feedback: dict[str, Any] | None, window: Window) -> d
 def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None = None) -> dict[str, Any]:
     """One check of one version; returns the results JSON (`breach` says whether the policy was breached)."""
     mcfg = cfg.monitor
-    name, version = resolve_version(model_id, cfg.registry.model_name)
+    name, version = resolve_once(model_id, cfg.registry.model_name)
     reference, reference_path = load_reference(name, version)
     window = read_window(mcfg, name, version)
     clf = _classifier(name, version)
@@ -363,7 +336,8 @@ def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None 
         "text_stored": str(text_stored).lower(),
         "breach": str(bool(reasons)).lower(),
     }
-    with mlflow.start_run(experiment_id=experiment_id(cfg), run_name=f"drift-{name}-v{version}", tags=tags) as run:
+    exp = experiment_id(cfg.monitor.experiment, cfg.mlflow.artifact_location)
+    with mlflow.start_run(experiment_id=exp, run_name=f"drift-{name}-v{version}", tags=tags) as run:
         mlflow.log_metrics(_metrics(drift, feedback, window))
         mlflow.log_text(drift.snapshot.get_html_str(as_iframe=False), "monitoring/drift_report.html")
         mlflow.log_text(drift.snapshot.json(), "monitoring/drift_report.json")

@@ -65,16 +65,20 @@ def setup_mlflow(cfg: AppConfig) -> Tracking:
     uri = resolve_tracking_uri(cfg)
     _check_server(uri)
     mlflow.set_tracking_uri(uri)
-    exp: Experiment | None = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
-        try:
-            exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location)
-        except mlflow.exceptions.MlflowException:  # created concurrently by another process
-            exp_id = mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(cfg.mlflow.experiment, cfg.mlflow.artifact_location)
     mlflow.set_experiment(experiment_id=exp_id)
     return Tracking(uri=uri, experiment_id=exp_id, experiment_name=cfg.mlflow.experiment)
+
+
+def experiment_id(name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created on first use; safe when two processes create it at once."""
+    exp: Experiment | None = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def connect_ray(cfg: AppConfig) -> None:
