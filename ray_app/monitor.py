@@ -1,146 +1,44 @@
 """`ray-app monitor`: has served traffic drifted away from what a model version was validated on?
 
-Every registered version carries a reference: its own predictions on the validation and test rows (never the training
-rows, where the model is over-confident, so fresh traffic would always look drifted), with the same descriptors the
-check computes on traffic. A check reads a window of the prediction log for that version with Ray Data, compares it
-with Evidently (text length in characters and words, the share of words the tokenizer has to cut into pieces, the
-predicted label, its confidence, and the encoder's sentence embeddings as one embedding set), logs the HTML and JSON
-report and the scores to MLflow, and publishes gauges per version that outlive the check. With labelled feedback it
-also measures accuracy. The policy in `monitor:` says what a breach does: report it, or also retrain.
+One check reads a window of the prediction log for a version with Ray Data, compares it with the version's reference
+(`reference.py`) through Evidently (`drift.py`: text length in characters and words, the share of words the
+tokenizer has to cut into pieces, the predicted label, its confidence, and the encoder's sentence embeddings as one
+embedding set), measures accuracy on labelled feedback when given, applies the policy (`monitor_policy.py`), logs
+the HTML and JSON reports and the scores to MLflow, and publishes gauges per version that outlive the check.
 
-Evidently is imported inside the functions that use it: importing it takes seconds, and the registration path and the
-gauge actor import this module too.
+Evidently is imported inside the functions that use it: importing it takes seconds.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import shlex
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from ray_app.config import AppConfig, MonitorConfig
 from ray_app.drift import EMBEDDING, Drift, run_drift
 from ray_app.errors import AppError
 from ray_app.gauges import GAUGES_ACTOR, NAMESPACE, publish
 from ray_app.model_ids import resolve_once
+from ray_app.monitor_policy import breaches, submit_retrain
 from ray_app.prediction_log import read_log
+from ray_app.reference import describe, load_reference
 from ray_app.registry import load_classifier
 from ray_app.runtime import experiment_id
-from ray_app.text import join_text
 
-log = logging.getLogger("ray_app")
-REFERENCE_TAG = "monitoring.reference"
-REFERENCE_FILE = "reference.parquet"
-_WORD = re.compile(r"\w+")
-
-
-# ---- descriptors: the same code for the reference and for traffic ----------------------------------------------------
-
-
-def wordpiece_share(tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """Per text, the share of its words that the tokenizer cannot keep whole (cut into several pieces, or unknown).
-
-    A rise means words the model never learned: new jargon, another language, garbled input. Computed here rather
-    than with Evidently's out-of-vocabulary descriptor, which downloads word lists at run time."""
-    words = [_WORD.findall(t) for t in texts]
-    out = np.zeros(len(texts), dtype=np.float32)
-    rows = [i for i, w in enumerate(words) if w]
-    if not rows:
-        return out
-    enc = tokenizer([words[i] for i in rows], is_split_into_words=True, add_special_tokens=False)
-    for j, i in enumerate(rows):
-        pieces: Counter[int] = Counter()
-        unknown = set()
-        for token, word in zip(enc["input_ids"][j], enc.word_ids(j), strict=True):
-            if word is not None:
-                pieces[word] += 1
-                if token == tokenizer.unk_token_id:
-                    unknown.add(word)
-        out[i] = sum(1 for w in range(len(words[i])) if pieces[w] > 1 or w in unknown) / len(words[i])
-    return out
-
-
-def describe(clf, texts: list[str]) -> pd.DataFrame:
-    """Length (as the prediction log counts it), word-piece share and the sentence embedding of each text."""
-    return pd.DataFrame(
-        {
-            "text_chars": [len(t) for t in texts],
-            "text_words": [len(t.split()) for t in texts],
-            "wordpiece_share": wordpiece_share(clf.tokenizer, texts),
-            EMBEDDING: list(clf.embed(texts)),
-        }
-    )
-
-
-def build_reference(clf, rows: pd.DataFrame, text_columns: Sequence[str], id_column: str) -> pd.DataFrame:
-    """The version's own answers on held-out rows (`split`, `label` columns), described as traffic will be."""
-    texts = join_text(rows, text_columns)  # what the Serve ingress builds from title and description
-    probs = clf.predict_proba(texts)
-    frame = pd.DataFrame(
-        {
-            "id": rows[id_column].astype(str).to_numpy(),
-            "split": rows["split"].to_numpy(),
-            "true_label": rows["label"].to_numpy(),
-            "text": texts,
-            "label": [clf.labels[i] for i in probs.argmax(axis=1)],
-            "confidence": probs.max(axis=1),
-        }
-    )
-    return pd.concat([frame, describe(clf, texts)], axis=1)
-
-
-def log_reference(
-    cfg: AppConfig, model_dir: str, splits, model_uri: str, held_out: tuple[str, ...] = ("val", "test")
-) -> str:
-    """Build the reference of a model being registered and log it into the active run, in a folder named after the
-    logged model so two versions from one run never share one; returns its artifact path (the version's tag).
-    `held_out` names the splits the model never trained on (a refit on train+val leaves only test)."""
+if TYPE_CHECKING:
     from ray_app.model import TextClassifier
 
-    clf = TextClassifier.load(model_dir, cfg.data.max_length)
-    rows = pd.concat([splits.frame(name).assign(split=name) for name in held_out], ignore_index=True)
-    reference = build_reference(clf, rows, cfg.data.text_columns, cfg.data.id_column)
-    folder = f"monitoring/{model_uri.rstrip('/').rsplit('/', 1)[-1]}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / REFERENCE_FILE
-        reference.to_parquet(path, index=False)
-        mlflow.log_artifact(str(path), artifact_path=folder)
-    return f"{folder}/{REFERENCE_FILE}"
+log = logging.getLogger("ray_app")
 
 
-# ---- what is checked: a version, its reference and a window of its traffic -------------------------------------------
-
-
-def load_reference(name: str, version: str) -> tuple[pd.DataFrame, str]:
-    mv = MlflowClient().get_model_version(name, version)
-    path = mv.tags.get(REFERENCE_TAG)
-    if not path:
-        raise AppError(
-            f"model {name} version {version} has no drift reference (no '{REFERENCE_TAG}' tag): it was registered "
-            "before monitoring existed or without `ray-app register`/`pipeline`. Register its checkpoint again "
-            "(`ray-app register --checkpoint ... --run-id ...`) or retrain, and check the new version"
-        )
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=path)
-        return pd.read_parquet(local), path
-    except (MlflowException, OSError) as exc:
-        raise AppError(
-            f"the drift reference {path} of {name} version {version} (run {mv.run_id}) cannot be read: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+# ---- what is checked: a window of a version's served traffic ---------------------------------------------------------
 
 
 @dataclass
@@ -180,7 +78,7 @@ def read_window(mcfg: MonitorConfig, name: str, version: str) -> Window:
     return Window(frame.reset_index(drop=True), info)
 
 
-def current_frame(clf, window: Window) -> pd.DataFrame:
+def current_frame(clf: TextClassifier, window: Window) -> pd.DataFrame:
     """The window with the reference's columns; the word-piece share and embeddings are computed now, by the same
     version, and only when the log kept the text (`store_text: true`)."""
     rows = window.rows
@@ -225,7 +123,7 @@ def feedback_quality(cfg: AppConfig, labels_path: Path, window: Window, referenc
     }
 
 
-def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame):
+def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame) -> Any:
     from evidently import DataDefinition, Dataset, MulticlassClassification, Report
     from evidently.presets import ClassificationPreset
 
@@ -238,65 +136,6 @@ def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame):
     return Report([ClassificationPreset()]).run(
         Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
     )
-
-
-# ---- the policy ------------------------------------------------------------------------------------------------------
-
-
-def breaches(drift: Drift, feedback: dict[str, Any] | None, mcfg: MonitorConfig) -> list[str]:
-    reasons = []
-    if drift.detected:
-        reasons.append(f"drift share {drift.share:.3f} > monitor.drift_share {mcfg.drift_share}")
-    if feedback is not None and feedback["accuracy"] < mcfg.min_feedback_accuracy:
-        reasons.append(
-            f"feedback accuracy {feedback['accuracy']:.3f} < monitor.min_feedback_accuracy {mcfg.min_feedback_accuracy}"
-        )
-    return reasons
-
-
-def retrain_command(cfg: AppConfig, tracking_uri: str, name: str) -> list[str]:
-    """`ray-app pipeline` on `monitor.retrain.config`, pointed at this check's tracking server, experiment, model
-    name and feedback store, plus `monitor.retrain.overrides`."""
-    retrain = cfg.monitor.retrain
-    sets = [
-        f"mlflow.tracking_uri={tracking_uri}",
-        f"mlflow.experiment={cfg.mlflow.experiment}",
-        f"registry.model_name={name}",
-        f"pipeline.promote={str(retrain.promote).lower()}",
-    ]
-    if cfg.data.feedback_uri:
-        uri = cfg.data.feedback_uri
-        sets.append(f"data.feedback_uri={uri if '://' in uri else Path(uri).expanduser().resolve()}")
-    sets += retrain.overrides
-    return ["ray-app", "pipeline", "--config", retrain.config, *[a for s in sets for a in ("--set", s)]]
-
-
-def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -> str:
-    """Submit the training pipeline as a Ray job (as `make run` does); its pipeline registers a new challenger."""
-    from ray.job_submission import JobSubmissionClient
-
-    from ray_app.runtime import git_commit
-
-    retrain = cfg.monitor.retrain
-    address = retrain.dashboard_address or cfg.ray.address
-    runtime_env: dict[str, Any] = {"env_vars": {"RAY_APP_GIT_COMMIT": git_commit()}}
-    if retrain.working_dir:
-        runtime_env["working_dir"] = str(Path(retrain.working_dir).expanduser().resolve())
-    entrypoint = shlex.join(retrain_command(cfg, tracking_uri, name))
-    try:
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            metadata={"ray_app": "retrain", "model": name, "drifted_version": version},
-        )
-    except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError
-        raise AppError(
-            f"the retrain job could not be submitted to the Ray cluster at {address or 'RAY_ADDRESS'}: "
-            f"{str(exc).splitlines()[0]}; set monitor.retrain.dashboard_address or ray.address"
-        ) from None
-    log.warning("breach: submitted retrain job %s: %s", job_id, entrypoint)
-    return job_id
 
 
 # ---- one check -------------------------------------------------------------------------------------------------------
@@ -375,7 +214,7 @@ def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None 
     return results
 
 
-def _classifier(name: str, version: str):
+def _classifier(name: str, version: str) -> TextClassifier:
     try:
         return load_classifier(f"models:/{name}/{version}")
     except MlflowException as exc:

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from ray_app.errors import AppError
 from ray_app.feedback import read_labels
 from ray_app.model import load_tokenizer
-from ray_app.monitor import wordpiece_share
 from ray_app.prediction_log import read_log
+from ray_app.reference import wordpiece_share
 from ray_app.registry import load_classifier
 from tests.conftest import ROOT, smoke_config
 from tests.serving import register_version, wait_until
