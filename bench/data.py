@@ -24,12 +24,12 @@ from _common import config, connect, median, parse, parser, report
 
 from ray_app.config import AppConfig, DataConfig
 from ray_app.data import (
-    _stable_hash,
     assign_splits,
     digest_of,
     mark_duplicates,
     mark_leakage,
     prepare,
+    split_rank,
     tokenize,
     validate_batch,
 )
@@ -78,7 +78,7 @@ def pandas_pass(cfg: AppConfig, names: tuple[str, ...]) -> dict[str, Any]:
     frame = mark_duplicates(validate_batch(raw, dc).reset_index(drop=True), dc)
     good = frame[frame["reason"] == ""]
     if dc.max_rows is not None:
-        ranks = good[dc.id_column].map(lambda i: _stable_hash(str(i), dc.split.salt))
+        ranks = good[dc.id_column].map(lambda i: split_rank(str(i), dc.split.salt))
         good = good.loc[ranks.sort_values(kind="stable").index[: dc.max_rows]]
     split = assign_splits(good, dc)
     valid = good[mark_leakage(good, split, dc.text_columns[0]) == ""]

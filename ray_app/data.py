@@ -19,7 +19,9 @@ import pandas as pd
 import pyarrow as pa
 from pyarrow import csv as pacsv
 
+from ray_app.buckets import bucket
 from ray_app.config import DataConfig
+from ray_app.csv_read import count_malformed, header, malformed_lines, parse_options
 from ray_app.errors import AppError
 from ray_app.rows import normalize, validate_batch
 
@@ -76,73 +78,35 @@ def _check_file(path: str) -> None:
         raise AppError(f"data file {path} cannot be read: {exc}") from None
 
 
-class _MalformedCounter:
-    """A tiny actor the CSV readers report unparseable lines to, so they are counted instead of crashing."""
-
-    def __init__(self) -> None:
-        self.lines: dict[tuple[int | None, str], None] = {}
-
-    def add(self, number: int | None, text: str) -> None:
-        self.lines[(number, text)] = None  # keyed: Ray may read a block twice (schema, then data)
-
-    def get(self) -> list[str]:
-        return [text for _, text in self.lines]
-
-
 def read_validated(cfg: DataConfig) -> tuple[pd.DataFrame, list[str]]:
     """Read with Ray Data and run the row checks in parallel; returns rows with a `reason` and malformed lines."""
     import ray
 
     _check_file(cfg.path)
-    counter = ray.remote(num_cpus=0)(_MalformedCounter).remote()
-
-    def skip_malformed(row: Any) -> str:
-        # Wait for the actor: a fire-and-forget call could still be in flight when the driver asks for the count.
-        ray.get(counter.add.remote(row.number, str(row.text)[:200]))
-        return "skip"
-
     required = [cfg.id_column, *cfg.text_columns, cfg.label_column]
-    columns = _header(cfg.path)
+    columns = header(cfg.path)
     missing = [c for c in required if c not in columns]
     if missing:
         raise AppError(
             f"data file {cfg.path} lacks required column(s) {missing}; it has {columns}. "
             "Fix the file or set data.id_column / data.text_columns / data.label_column"
         )
+    counter, skip_malformed = count_malformed()
     ds = ray.data.read_csv(
         cfg.path,
-        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_malformed),
+        parse_options=parse_options(skip_malformed),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in required}),
         num_cpus=cfg.cpus_per_task,
     )
     validated = ds.map_batches(
         validate_batch, fn_kwargs={"cfg": cfg}, batch_format="pandas", num_cpus=cfg.cpus_per_task
     ).to_pandas()
-    malformed = ray.get(counter.get.remote())
-    ray.kill(counter)
-    return validated, malformed
+    return validated, malformed_lines(counter)
 
 
-def _header(path: str) -> list[str]:
-    """Column names from the first block only, so a missing column fails before Ray reads the whole file."""
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path) if "://" in path else (fs.LocalFileSystem(), path)
-    try:
-        with filesystem.open_input_stream(inner) as stream:
-            reader = pacsv.open_csv(
-                stream,
-                read_options=pacsv.ReadOptions(block_size=1 << 16),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda _: "skip"),
-            )
-            return reader.schema.names
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise AppError(f"data file {path} could not be parsed as CSV: {str(exc).splitlines()[0]}") from None
-
-
-def _stable_hash(value: str, salt: str) -> float:
-    digest = hashlib.sha256(f"{salt}:{value}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def split_rank(row_id: str, salt: str) -> float:
+    """A row's fixed place in [0, 1) for the split: the same id lands in the same split in every version."""
+    return bucket(f"{salt}:{row_id}")
 
 
 def mark_duplicates(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
@@ -164,7 +128,7 @@ def mark_duplicates(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 def assign_splits(frame: pd.DataFrame, cfg: DataConfig) -> pd.Series:
     """Stratified split, stable across runs: within each label, rows are ranked by a salted hash of their id."""
     split = pd.Series("train", index=frame.index, dtype=object)
-    ranks = frame[cfg.id_column].map(lambda i: _stable_hash(str(i), cfg.split.salt))
+    ranks = frame[cfg.id_column].map(lambda i: split_rank(str(i), cfg.split.salt))
     for _, group in frame.groupby("label"):
         order = ranks[group.index].sort_values(kind="stable").index
         n_test = round(len(order) * cfg.split.test_fraction)
@@ -196,7 +160,7 @@ def prepare(cfg: DataConfig) -> Splits:
     frame = mark_duplicates(raw.reset_index(drop=True), cfg)
     good = frame[frame["reason"] == ""]
     if cfg.max_rows is not None:  # a stable subset for smoke runs: the rows with the lowest hash
-        ranks = good[cfg.id_column].map(lambda i: _stable_hash(str(i), cfg.split.salt))
+        ranks = good[cfg.id_column].map(lambda i: split_rank(str(i), cfg.split.salt))
         good = good.loc[ranks.sort_values(kind="stable").index[: cfg.max_rows]]
     split = assign_splits(good, cfg)
     leak = mark_leakage(good, split, cfg.text_columns[0])
@@ -236,6 +200,12 @@ def prepare(cfg: DataConfig) -> Splits:
         if part.empty:
             raise AppError(f"the {name} split is empty ({report.split_sizes}); add rows or change data.split")
     return Splits(**parts, labels=list(cfg.labels), report=report)
+
+
+def labelled_rows(cfg: DataConfig, path: Path) -> pd.DataFrame:
+    """Every good row of another labelled CSV (`ray-app evaluate --data`), checked by the training data's rules."""
+    other = prepare(cfg.model_copy(update={"path": str(path), "max_rows": None, "feedback_uri": None}))
+    return pd.concat([other.train, other.val, other.test], ignore_index=True)
 
 
 def _feedback(cfg: DataConfig, parts: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, int]]:

@@ -38,7 +38,10 @@ def validate_batch(batch: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     reasons[ids.isna() | (ids.astype(str).str.strip() == "")] = "missing_id"
     texts = join_text(batch, cfg.text_columns)
     text = pd.Series(texts, index=batch.index, dtype=object)
-    reasons[(reasons == "") & ~text.map(has_visible_text)] = "empty_text"
+    # Per field, as serving and batch inference check a request: joined, two invisible fields read as visible
+    # ("\u200b. \u200b": the separator is text).
+    visible = batch[cfg.text_columns].apply(lambda col: col.map(lambda v: isinstance(v, str) and has_visible_text(v)))
+    reasons[(reasons == "") & ~visible.any(axis=1)] = "empty_text"
     reasons[(reasons == "") & (text.str.len() > cfg.max_text_chars)] = "text_too_long"
     raw_labels = batch[cfg.label_column]
     labels = raw_labels.map(lambda raw: map_label(raw, cfg))

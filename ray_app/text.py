@@ -4,7 +4,8 @@ both use it."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -50,3 +51,15 @@ def has_visible_text(text: str) -> bool:
     """False for text that is only controls, spaces and format marks (NUL, zero-width spaces, a BOM): the tokenizer
     sees nothing in it, so a prediction would be the model's prior, not an answer."""
     return _VISIBLE.search(text) is not None
+
+
+def text_problem(fields: Mapping[str, Any], max_chars: int) -> tuple[str, str | None] | None:
+    """The first rule a request's (or a batch row's) text fields break, as (reason, field): a field longer than
+    `max_chars` (`text_too_long`, named), or no field with visible text (`empty_text`). Serving and batch inference
+    both judge each field, and each phrases the answer for its own reader."""
+    for name, value in fields.items():
+        if isinstance(value, str) and len(value) > max_chars:
+            return "text_too_long", name
+    if not any(isinstance(value, str) and has_visible_text(value) for value in fields.values()):
+        return "empty_text", None
+    return None

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app.batch import check_rows, find_inputs, run_batch
+from ray_app.batch import run_batch
+from ray_app.batch_inputs import check_rows, find_inputs
 from ray_app.errors import AppError
 from ray_app.registry import load_classifier
 from tests.conftest import ROOT
@@ -140,7 +141,7 @@ def test_bad_inputs_are_named_before_any_work(tmp_path) -> None:
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(AppError, match=r"c.txt .* extension '.txt'"):
         find_inputs(str(tmp_path / "c.txt"))
-    from ray_app.batch import check_columns
+    from ray_app.batch_inputs import check_columns
 
     with pytest.raises(AppError, match=r"b.parquet cannot be read as Parquet"):
         check_columns([str(tmp_path / "b.parquet")], "parquet", ["id", "title"])

@@ -30,14 +30,14 @@ def test_label_mapping_aliases_and_unknown() -> None:
 def test_row_checks_name_each_reason() -> None:
     batch = pd.DataFrame(
         {
-            "id": ["1", None, "3", "4", "5"],
-            "title": ["ok", "no id", "", "long", "x"],
-            "description": ["fine", "d", None, "y" * 50, "d"],
-            "tag": ["mlops", "mlops", "mlops", "mlops", None],
+            "id": ["1", None, "3", "4", "5", "6"],
+            "title": ["ok", "no id", "", "long", "x", "\u200b"],
+            "description": ["fine", "d", None, "y" * 50, "d", "\u200b"],
+            "tag": ["mlops", "mlops", "mlops", "mlops", None, "mlops"],
         }
     )
     out = validate_batch(batch, cfg(max_text_chars=20))
-    assert list(out["reason"]) == ["", "missing_id", "empty_text", "text_too_long", "missing_label"]
+    assert list(out["reason"]) == ["", "missing_id", "empty_text", "text_too_long", "missing_label", "empty_text"]
     assert out.loc[0, "text"] == "ok. fine"
 
 
@@ -137,3 +137,11 @@ def test_class_weights_are_balanced_and_a_missing_class_weighs_one():
     train = ["a"] * 6 + ["b"] * 3 + ["c"] * 1
     assert class_weights(["a", "b", "c"], train) == pytest.approx([10 / 18, 10 / 9, 10 / 3])
     assert class_weights(["a", "b", "z"], ["a", "a", "b", "b"]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_text_problem_judges_each_field() -> None:
+    from ray_app.text import text_problem
+
+    assert text_problem({"title": "ok", "description": None}, 5) is None
+    assert text_problem({"title": "ok", "description": "toolong"}, 5) == ("text_too_long", "description")
+    assert text_problem({"title": "\u200b", "description": " \n"}, 5) == ("empty_text", None)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray_app.model_ids import SCHEMA_PATTERN
 from ray_app.serve.edge import OPEN_PATHS
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
-from ray_app.text import VISIBLE_CHAR, has_visible_text
+from ray_app.text import VISIBLE_CHAR, text_problem
 
 
 class ApiError(Exception):
@@ -91,18 +91,20 @@ def check_items(items: list[Item], args: ServeArgs) -> list[Item]:
     if len(items) > args.max_items:
         raise ApiError(413, "too_many_items", f"{len(items)} items; at most {args.max_items} per request")
     for i, item in enumerate(items):
-        for name in ("title", "description"):
-            text = getattr(item, name)
-            if len(text) > args.max_text_chars:
-                raise ApiError(
-                    413,
-                    "text_too_long",
-                    f"items[{i}].{name} has {len(text)} characters; the limit is {args.max_text_chars}",
-                )
+        fields = {"title": item.title, "description": item.description}
+        for name, text in fields.items():
             if not _is_utf8(text):
                 # JSON's "\ud800" escape decodes to a lone surrogate: the tokenizer and the Parquet log reject it
                 raise ApiError(422, "invalid_text", f"items[{i}].{name} is not valid Unicode text (a lone surrogate)")
-        if not (has_visible_text(item.title) or has_visible_text(item.description)):
+        problem = text_problem(fields, args.max_text_chars)
+        if problem and problem[0] == "text_too_long":
+            chars = len(fields[problem[1]])
+            raise ApiError(
+                413,
+                "text_too_long",
+                f"items[{i}].{problem[1]} has {chars} characters; the limit is {args.max_text_chars}",
+            )
+        if problem:
             raise ApiError(
                 422,
                 "empty_text",
