@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_app.config import AppConfig, load_config
+from ray_app.config import AppConfig
+from ray_app.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -79,7 +79,8 @@ def registry(args) -> Iterator[tuple[str, str]]:
         return
     import mlflow
 
-    from ray_app.local import free_port, start_mlflow, stop_mlflow
+    from ray_app.local import start_mlflow, stop_mlflow
+    from ray_app.ports import free_port
     from ray_app.registry import log_model, register
 
     root = Path(tempfile.mkdtemp(prefix="bench-mlf-"))

@@ -144,7 +144,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from ray_app.local import free_port, start_ray_head, stop_ray_head
+    from ray_app.local import start_ray_head, stop_ray_head
+    from ray_app.ports import free_port
     from ray_app.serve.app import build_app
     from ray_app.serve.settings import ServeArgs
 

@@ -105,7 +105,7 @@ def train_and_test(cfg: AppConfig, splits: Splits, seed: int, storage: Path) -> 
     from ray_app.pipeline import with_absolute_paths
     from ray_app.train import MODEL_SUBDIR, train
 
-    cfg = with_absolute_paths(_with(cfg, f"train.seed={seed}", f"train.storage_path={storage}"))
+    cfg = with_absolute_paths(cfg.replace(train={"seed": seed, "storage_path": str(storage)}))
     started = time.perf_counter()
     result = train(cfg, splits, f"bench-train-{uuid.uuid4().hex[:8]}", None, None)
     wall = time.perf_counter() - started
@@ -117,18 +117,20 @@ def train_and_test(cfg: AppConfig, splits: Splits, seed: int, storage: Path) -> 
 
 
 def _with(cfg: AppConfig, *overrides: str) -> AppConfig:
-    from ray_app.config import _apply_override, parse_override
+    """The benchmark's method presets and the user's --set strings, parsed like `ray-app --set`."""
+    from ray_app.config_loader import apply_override, parse_override
 
     tree = cfg.model_dump()
     for item in overrides:
-        _apply_override(tree, *parse_override(item))
+        apply_override(tree, *parse_override(item))
     return AppConfig.model_validate(tree)
 
 
 def main() -> None:
     import os
 
-    from ray_app.local import free_port, start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+    from ray_app.local import start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+    from ray_app.ports import free_port
     from ray_app.runtime import setup_mlflow
 
     args = parse(parser(__doc__.splitlines()[0]))
@@ -194,9 +196,9 @@ def run_all(args, cfg: AppConfig, splits: Splits, tracking, root: Path) -> dict[
 
 
 def _key(name: str) -> str:
-    from ray_app.config import TUNABLE
+    from ray_app.tune_config import TUNABLE
 
-    return TUNABLE[name]
+    return ".".join(TUNABLE[name])
 
 
 def tables(args, cfg: AppConfig, runs: dict[str, Any]) -> None:

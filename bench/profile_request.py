@@ -154,7 +154,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from ray_app.local import free_port, start_ray_head, stop_ray_head
+    from ray_app.local import start_ray_head, stop_ray_head
+    from ray_app.ports import free_port
     from ray_app.serve.app import build_app
     from ray_app.serve.settings import ServeArgs
 
@@ -176,7 +177,7 @@ def main() -> None:
             tracking_uri=args.tracking_uri,
             model_name=name,
             default_model=f"@{alias}" if alias else args.model,
-            batch={"enabled": args.batch == "on"},
+            batch={"max_batch_size": 32 if args.batch == "on" else 1},
             api_key_env=None,
             backend=args.backend,
         )

@@ -377,7 +377,8 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
     import ray
     from ray import serve
 
-    from ray_app.local import free_port, start_ray_head, stop_ray_head
+    from ray_app.local import start_ray_head, stop_ray_head
+    from ray_app.ports import free_port
     from ray_app.serve.app import build_app
     from ray_app.serve.settings import ServeArgs
 
@@ -401,7 +402,7 @@ def serve_variants(args, items, fastest: str) -> tuple[list[dict[str, Any]], flo
                 tracking_uri=args.tracking_uri,
                 model_name=name,
                 default_model=f"@{ref}" if ref else args.model,
-                batch={"enabled": enabled, "max_batch_size": 32, "batch_wait_timeout_s": wait, "mode": mode},
+                batch={"max_batch_size": 32 if enabled else 1, "batch_wait_timeout_s": wait, "mode": mode},
                 max_queued_items=QUEUE_ALL,
                 max_queue_wait_s=QUEUE_WAIT_ALL,
                 api_key_env=None,
@@ -486,7 +487,7 @@ def main() -> None:
 
     import mlflow
 
-    from ray_app.local import free_port
+    from ray_app.ports import free_port
 
     mlflow.set_tracking_uri(args.tracking_uri)
     uri = f"models:/{args.model}"

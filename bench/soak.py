@@ -223,7 +223,7 @@ def _serve_tiny(work: Path, tracking_uri: str) -> str:
     """The tiny random model registered in this script's own MLflow server; returns the model name."""
     import mlflow
 
-    from ray_app.config import load_config
+    from ray_app.config_loader import load_config
     from ray_app.model import TextClassifier, load_for_training, load_tokenizer, make_tiny_model
     from ray_app.registry import log_model, register
 
@@ -259,7 +259,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from ray_app.local import free_port, start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+    from ray_app.local import start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+    from ray_app.ports import free_port
     from ray_app.serve.app import build_app
     from ray_app.serve.settings import ServeArgs
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 
-from ray_app.config import Backend
+from ray_app.config_base import Backend
 from ray_app.model import TextClassifier, quantize_int8
 from ray_app.text import join_text
 

@@ -1,43 +1,19 @@
 """`ray-app canary-report`: is the challenger as good as the champion on live traffic? Read from the prediction
-log that the Serve app writes (error rate, p50/p99 per version, and agreement when the challenger ran in shadow)."""
+log that the Serve app writes (error rate, p50/p99 per version, and agreement when the challenger ran in shadow).
+
+The verdict uses the promotion bar of `canary` in the config; serving's guard (looser) only pulls a failing canary."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
-from ray_app.config import CanaryConfig
+from ray_app.config import AppConfig, CanaryConfig
 from ray_app.errors import AppError
-from ray_app.prediction_log import PREFIX, SCHEMA, with_served_key
+from ray_app.prediction_log import read_recent, with_served_key
 
 PROMOTE, HOLD, ROLLBACK = "promote", "hold", "rollback"
-
-
-def read_log(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
-    """The prediction log as one frame (finished files only; a writer's temp files start with a dot)."""
-    target = uri if "://" in uri else str(Path(uri).expanduser())
-    try:
-        fs, root = pafs.FileSystem.from_uri(target if "://" in target else "file://" + str(Path(target).resolve()))
-        files = [
-            i.path
-            for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-            if i.base_name.startswith(PREFIX) and i.base_name.endswith(".parquet")
-        ]
-    except (OSError, ValueError) as exc:
-        raise AppError(f"prediction log {uri} cannot be read: {exc}") from None
-    if not files:
-        raise AppError(f"prediction log {uri} has no files yet; send traffic to the Serve app first")
-    # the log's schema, so files written before a column existed read with it empty
-    frame = with_served_key(pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table().to_pandas())
-    if window_minutes is not None:
-        cutoff = pd.Timestamp(time.time() - window_minutes * 60, unit="s", tz="UTC")
-        frame = frame[frame["timestamp"] >= cutoff]
-    return frame
 
 
 def version_stats(frame: pd.DataFrame, version: str) -> dict[str, Any]:
@@ -85,6 +61,18 @@ def verdict(champion: dict[str, Any], challenger: dict[str, Any], agreement: flo
     ):
         return HOLD, f"challenger errors {challenger['error_rate']:.3f} > champion {champion['error_rate']:.3f}"
     return PROMOTE, f"{n} requests within limits" + (f", agreement {agreement:.3f}" if agreement is not None else "")
+
+
+def compare_aliases(cfg: AppConfig) -> dict[str, Any]:
+    """The champion and challenger of `registry.model_name` on the log's recent traffic (`ray-app canary-report`)."""
+    from ray_app.registry import CHALLENGER, CHAMPION, aliases
+
+    current = aliases(cfg.registry)
+    missing = [a for a in (CHAMPION, CHALLENGER) if a not in current]
+    if missing:
+        raise AppError(f"model {cfg.registry.model_name} has no {' or '.join(missing)} alias to compare")
+    frame = read_recent(cfg.canary.log_uri, cfg.canary.window_minutes)
+    return canary_report(frame, current[CHAMPION], current[CHALLENGER], cfg.canary)
 
 
 def canary_report(frame: pd.DataFrame, champion: str, challenger: str, cfg: CanaryConfig) -> dict[str, Any]:

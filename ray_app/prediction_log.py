@@ -57,22 +57,31 @@ def text_fields(text: str, store_text: bool) -> dict[str, Any]:
     }
 
 
-def read_log(uri: str, where=None) -> pd.DataFrame:
-    """Finished files of the prediction log, read with Ray Data (a writer's temp files end in .tmp and are skipped);
-    `where` is a Ray Data predicate expression, applied with Arrow while reading."""
+def _finished_files(uri: str):
+    """(filesystem, root, finished Parquet files) of the log; a writer's temp files are skipped. None found is the
+    user's error: the wrong directory, or nothing served yet."""
     import pyarrow.fs as pafs
-    import ray
 
     fs, root = filesystem(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise AppError(f"prediction log {uri} cannot be listed: {exc}") from None
-    if not any(i.base_name.startswith(PREFIX) and i.base_name.endswith(".parquet") for i in infos):
+    files = [i.path for i in infos if i.base_name.startswith(PREFIX) and i.base_name.endswith(".parquet")]
+    if not files:
         raise AppError(
             f"prediction log {uri} has no prediction files (missing directory, or nothing served yet); point "
-            "monitor.log_uri at serve_config.yaml's prediction_log.uri and send traffic first"
+            "it at serve_config.yaml's prediction_log.uri and send traffic first"
         )
+    return fs, root, files
+
+
+def read_log(uri: str, where=None) -> pd.DataFrame:
+    """The log read with Ray Data, in parallel across the cluster (monitoring, feedback); `where` is a Ray Data
+    predicate expression, applied with Arrow while reading."""
+    import ray
+
+    _, root, _ = _finished_files(uri)
     try:
         # the log's schema, so files written before a column existed (served_id) read beside newer ones
         ds = ray.data.read_parquet(uri if "://" in uri else root, file_extensions=["parquet"], schema=SCHEMA)
@@ -84,3 +93,22 @@ def read_log(uri: str, where=None) -> pd.DataFrame:
         return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
     except (OSError, ValueError, pa.ArrowException, ray.exceptions.RayError) as exc:
         raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
+def read_recent(uri: str, window_minutes: float | None = None) -> pd.DataFrame:
+    """The log read in this process with pyarrow, no Ray needed (`ray-app canary-report` runs without a cluster);
+    only the last `window_minutes` when given."""
+    import time
+
+    import pyarrow.dataset as pads
+
+    fs, _, files = _finished_files(uri)
+    try:
+        frame = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA).to_table().to_pandas()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise AppError(f"prediction log {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    frame = with_served_key(frame)
+    if window_minutes is not None:
+        cutoff = pd.Timestamp(time.time() - window_minutes * 60, unit="s", tz="UTC")
+        frame = frame[frame["timestamp"] >= cutoff]
+    return frame

@@ -9,8 +9,9 @@ from typing import Any
 
 import optuna
 
-from ray_app.config import TUNABLE, AppConfig, TuneConfig
+from ray_app.config import AppConfig
 from ray_app.errors import AppError
+from ray_app.tune_config import TUNABLE, TuneConfig
 
 log = logging.getLogger("ray_app")
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback adds
@@ -18,10 +19,10 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.T
 
 def default_point(cfg: AppConfig) -> dict[str, Any] | None:
     """The current config as the first trial, when it lies inside the space: the search starts from a known point."""
-    tree, point = cfg.model_dump(), {}
+    point = {}
     for name, spec in cfg.tune.space.items():
-        section, key = TUNABLE[name].split(".")
-        value = tree[section][key]
+        section, key = TUNABLE[name]
+        value = getattr(getattr(cfg, section), key)
         if not spec.contains(value):
             return None
         point[name] = value

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ray_app.config import AppConfig, TrainConfig
 from ray_app.data import Splits, tokenize
+from ray_app.drills import FailureDrill
+from ray_app.epoch_logger import EpochLogger
 from ray_app.errors import AppError
 from ray_app.metrics import scores
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
@@ -54,6 +54,24 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What each Train worker's loop needs, typed: Ray Train hands it over as it is (pickled), nothing is parsed
+    again on the worker."""
+
+    train: TrainConfig
+    model_path: str
+    labels: list[str]
+    dropout: float | None
+    num_layers: int | None
+    n_train: int
+    class_weights: list[float]
+    tracking_uri: str | None
+    run_id: str | None
+    measure_latency: bool = False  # every epoch also reports latency_p50_ms (a search's cost objective)
+    drill: FailureDrill | None = None
 
 
 def class_weights(labels: list[str], train_labels: list[str]) -> list[float]:
@@ -160,118 +178,14 @@ def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, st
     (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
 
 
-class _MlflowEpochLogger:
-    """Rank 0 logs into the run the driver opened; a worker on another node only needs the URI and run id.
-
-    Batches go out from a background thread, in order. A batch the tracking server cannot take (it is down or
-    restarting) stays at the head of the queue and is tried again every `retry_s` until it lands, so an outage
-    neither stalls nor fails training and no epoch is dropped. `close` waits for the queue at the end of the loop,
-    at most `flush_timeout_s`; what is still queued then is logged by the driver from the checkpoint's history
-    (`backfill_epoch_metrics`).
-    """
-
-    def __init__(
-        self, tracking_uri: str | None, run_id: str | None, retry_s: float = 2.0, flush_timeout_s: float = 60.0
-    ) -> None:
-        import os
-
-        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
-        from mlflow.tracking import MlflowClient
-
-        from ray_app.registry_auth import use_node_credentials
-
-        use_node_credentials()  # a Train worker: the node's MLflow user, as the driver has it
-        self.client = MlflowClient(tracking_uri) if tracking_uri and run_id else None
-        self.run_id = run_id
-        self.retry_s, self.flush_timeout_s = retry_s, flush_timeout_s
-        self.failed_attempts = 0
-        self._queue: collections.deque[list[Any]] = collections.deque()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        # This process is a Train worker and the thread below is its retry policy: MLflow's own retries (7, with
-        # exponential backoff up to minutes) would only delay the first attempt after the server is back.
-        os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "1")
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)  # the epoch's own time, whenever the batch reaches the server
-        with self._cond:
-            self._queue.append([Metric(k, float(v), now, step) for k, v in metrics.items()])
-            self._cond.notify_all()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._send_forever, name="mlflow-epoch-logger", daemon=True)
-            self._thread.start()
-
-    def _send_forever(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._queue))
-                batch = self._queue[0]
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except MlflowException as exc:
-                code = exc.get_http_status_code()
-                if 400 <= code < 500 and code != 429:  # refused for its content: retrying cannot help
-                    log.error("MLflow refused epoch metrics %s: %s", [m.key for m in batch], exc)
-                else:
-                    self._failed(exc)
-                    continue
-            except Exception as exc:  # noqa: BLE001 - connection errors of any kind: the server is away
-                self._failed(exc)
-                continue
-            with self._cond:
-                self._queue.popleft()
-                self._cond.notify_all()
-
-    def _failed(self, exc: Exception) -> None:
-        if self.failed_attempts == 0 or self.failed_attempts % 30 == 0:
-            log.warning("MLflow unreachable; %d metric batches held for retry (%s)", len(self._queue), exc)
-        self.failed_attempts += 1
-        time.sleep(self.retry_s)
-
-    def close(self) -> int:
-        """Wait until every batch landed, at most `flush_timeout_s`; returns how many did not."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._queue, self.flush_timeout_s)
-            left = len(self._queue)
-        if left:
-            log.warning("%d metric batches not logged after %.0f s; the driver logs them", left, self.flush_timeout_s)
-        elif self.failed_attempts:
-            log.warning("every epoch's metrics reached MLflow after %d failed attempts", self.failed_attempts)
-        return left
-
-
-def backfill_epoch_metrics(tracking_uri: str | None, run_id: str | None, history: list[dict[str, float]]) -> int:
-    """Epochs whose metrics never reached MLflow (it was still down when training ended) are logged from the
-    checkpoint's history; this call runs with MLflow's own retries. Returns how many epochs were missing."""
-    if not (tracking_uri and run_id and history):
-        return 0
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
-    missing = [h for h in history if int(h["epoch"]) not in logged]
-    now = int(time.time() * 1000)
-    for h in missing:
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(h["epoch"])) for k, v in h.items()])
-    if missing:
-        log.warning("logged the metrics of epochs %s from the checkpoint", [int(h["epoch"]) for h in missing])
-    return len(missing)
-
-
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` when Ray hands one back."""
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-    cfg = TrainConfig(**loop_cfg["train"])
+    loop = config["loop"]
+    cfg = loop.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(cfg))
@@ -280,21 +194,19 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
     checkpoint = ray.train.get_checkpoint()
-    tokenizer = load_tokenizer(loop_cfg["model_path"])
+    tokenizer = load_tokenizer(loop.model_path)
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             model = AutoModelForSequenceClassification.from_pretrained(Path(ckpt_dir) / MODEL_SUBDIR)
             saved = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
     else:
-        model = load_for_training(
-            loop_cfg["model_path"], loop_cfg["labels"], loop_cfg["dropout"], loop_cfg.get("num_layers")
-        )
+        model = load_for_training(loop.model_path, loop.labels, loop.dropout, loop.num_layers)
         saved = None
     resumed_from = state["epoch"] if saved is None else saved["epoch"]
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
 
-    steps_per_epoch = math.ceil(math.ceil(loop_cfg["n_train"] / world) / cfg.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(loop.n_train / world) / cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
@@ -304,9 +216,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         state = {k: saved[k] for k in state}
         if rank == 0:
             log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
-    weights = torch.tensor(loop_cfg["class_weights"], device=device) if cfg.class_weighted_loss else None
+    weights = torch.tensor(loop.class_weights, device=device) if cfg.class_weighted_loss else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    logger = _MlflowEpochLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
+    logger = EpochLogger(loop.tracking_uri, loop.run_id) if rank == 0 else None
     if logger and saved is not None:
         logger.log({"resumed_from_epoch": resumed_from}, step=resumed_from)
     train_shard = ray.train.get_dataset_shard("train")
@@ -349,7 +261,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             val_batches = val_data.iter_torch_batches(batch_size=cfg.eval_batch_size, collate_fn=TrimPadding())
             metrics.update(_evaluate(raw_model, val_batches, device, loss_fn))
             metrics["param_count"] = float(param_count)
-            if loop_cfg.get("measure_latency"):
+            if loop.measure_latency:
                 timed = val_data.iter_torch_batches(batch_size=LATENCY_BATCH, collate_fn=TrimPadding())
                 metrics["latency_p50_ms"] = latency_p50_ms(raw_model, next(iter(timed)), device)
             improved = metrics[SCORE] > state["best"] + 1e-4
@@ -367,7 +279,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
-        if cfg.fail_after_epoch == epoch and resumed_from == 0:
+        if loop.drill is not None and loop.drill.fires(epoch, resumed_from):
             if logger:
                 logger.close()  # the drill is a crash after a complete epoch, its metrics sent
             raise RuntimeError(f"failure drill: worker {rank} fails after checkpointing epoch {epoch}")
@@ -400,6 +312,7 @@ def build_trainer(
     run_id: str | None,
     callbacks: list | None = None,
     measure_latency: bool = False,
+    drill: FailureDrill | None = None,
 ):
     """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries; with
     `measure_latency`, every epoch also reports `latency_p50_ms` (a search's cost objective)."""
@@ -415,22 +328,23 @@ def build_trainer(
     # Ray Train's only knob for how long a worker group may wait for its resources; it passes it on to its
     # controller. One timeout and no controller retries: a busy cluster fails after start_timeout_s, not never.
     os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(tc.start_timeout_s)
-    loop_cfg = {
-        "train": tc.model_dump(),
-        "model_path": model_path,
-        "labels": splits.labels,
-        "dropout": cfg.model.dropout,
-        "num_layers": cfg.model.num_layers,
-        "measure_latency": measure_latency,
-        "n_train": len(splits.train),
-        "class_weights": class_weights(splits.labels, list(splits.train["label"])),
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-    }
+    loop = LoopConfig(
+        train=tc,
+        model_path=model_path,
+        labels=splits.labels,
+        dropout=cfg.model.dropout,
+        num_layers=cfg.model.num_layers,
+        n_train=len(splits.train),
+        class_weights=class_weights(splits.labels, list(splits.train["label"])),
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        measure_latency=measure_latency,
+        drill=drill,
+    )
     storage = tc.storage_path if "://" in tc.storage_path else str(Path(tc.storage_path).expanduser().resolve())
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
@@ -457,6 +371,7 @@ def train(
     tracking_uri: str | None,
     run_id: str | None,
     keep: Literal["best", "last"] = "best",
+    drill: FailureDrill | None = None,
 ) -> TrainResult:
     """Fit and return the best checkpoint by val F1 (or the last one, when the val rows were trained on and cannot
     rank epochs); a run name that exists on storage resumes that run."""
@@ -465,7 +380,7 @@ def train(
 
     started = time.perf_counter()
     refuse_impossible(cfg.train)
-    trainer = build_trainer(cfg, splits, run_name, tracking_uri, run_id)
+    trainer = build_trainer(cfg, splits, run_name, tracking_uri, run_id, drill=drill)
     try:
         result = trainer.fit()
     except ControllerError as exc:

@@ -17,12 +17,12 @@ from typing import Any
 
 import mlflow
 import optuna
-import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
-from ray_app.config import TUNABLE, AppConfig, TuneConfig
+from ray_app.config import AppConfig
 from ray_app.data import Splits
+from ray_app.drills import FailureDrill
 from ray_app.errors import AppError
 from ray_app.resources import worker_threads
 from ray_app.runtime import Tracking
@@ -33,14 +33,14 @@ from ray_app.study import (
     make_sampler,
     open_storage,
     pareto_front,
-    plots,
     prepare_study,
     safe_url,
     select_from_front,
 )
+from ray_app.tune_config import TUNABLE, TuneConfig
+from ray_app.tune_results import TRIAL_TAG, log_parent, record_trials
 
 log = logging.getLogger("ray_app")
-TRIAL_TAG = "ray_app.trial_id"
 STUDY_TAG = "ray_app.study"
 EXPERIMENT_TAG = "ray_app.tune_experiment"
 LATENCY = "latency_p50_ms"
@@ -113,11 +113,11 @@ class TrackedOptunaSearch(OptunaSearch):
 
 def apply_params(cfg: AppConfig, params: dict[str, Any]) -> AppConfig:
     """A copy of the config with the trial's values written to the keys they tune (lr -> train.lr, ...)."""
-    tree = cfg.model_dump()
+    sections: dict[str, dict[str, Any]] = {}
     for name, value in params.items():
-        section, key = TUNABLE[name].split(".")
-        tree[section][key] = value
-    return AppConfig.model_validate(tree)
+        section, key = TUNABLE[name]
+        sections.setdefault(section, {})[key] = value
+    return cfg.replace(**sections)
 
 
 def search_space(tc: TuneConfig) -> dict[str, Any]:
@@ -132,22 +132,30 @@ def search_space(tc: TuneConfig) -> dict[str, Any]:
     return {name: makers[spec.kind](spec) for name, spec in tc.space.items()}
 
 
-def run_trial(params: dict[str, Any], *, base: dict, splits: Splits, tracking: dict, parent_run_id: str) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base: AppConfig,
+    splits: Splits,
+    tracking: Tracking,
+    parent_run_id: str,
+    drill: FailureDrill | None = None,
+) -> None:
     """One trial: the project's TorchTrainer with these values, logging to its own nested MLflow run (the same one
-    again when a restored experiment starts this trial anew)."""
+    again when a restored experiment starts this trial anew). `base` arrives validated; only the values change."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_app.train import build_trainer
 
-    cfg = apply_params(AppConfig.model_validate(base), params)
+    cfg = apply_params(base, params)
     trial_id = tune.get_context().get_trial_id()
     from ray_app.registry_auth import use_node_credentials
 
     use_node_credentials()  # a trial's process: the node's MLflow user, as the driver has it
-    client = MlflowClient(tracking["uri"])
+    client = MlflowClient(tracking.uri)
     earlier = client.search_runs(
-        [tracking["experiment_id"]],
+        [tracking.experiment_id],
         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
         max_results=1,
     )
@@ -155,7 +163,7 @@ def run_trial(params: dict[str, Any], *, base: dict, splits: Splits, tracking: d
         child_id = earlier[0].info.run_id
     else:
         child_id = client.create_run(
-            tracking["experiment_id"],
+            tracking.experiment_id,
             run_name=f"trial-{trial_id}",
             tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id},
         ).info.run_id
@@ -163,8 +171,9 @@ def run_trial(params: dict[str, Any], *, base: dict, splits: Splits, tracking: d
             client.log_param(child_id, name, value)
     wants_latency = LATENCY in cfg.tune.directions or cfg.tune.metric == LATENCY
     trainer = build_trainer(
-        cfg, splits, f"trial-{parent_run_id[:8]}-{trial_id}", tracking["uri"], child_id,
+        cfg, splits, f"trial-{parent_run_id[:8]}-{trial_id}", tracking.uri, child_id,
         callbacks=[TuneReportCallback()], measure_latency=wants_latency,
+        drill=drill.for_trial(params) if drill else None,
     )  # fmt: skip
     trainer.fit()
 
@@ -177,16 +186,6 @@ def _max_concurrent(cfg: AppConfig) -> int:
     # What a trial computes with, not only what it reserves: trials beside each other share the same cores.
     per_trial = cfg.train.num_workers * max(cfg.train.cpus_per_worker, worker_threads(cfg.train))
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-
-
-def trial_status(result, epochs: int) -> str:
-    """Tune's view, since Optuna records an ASHA-stopped trial as complete."""
-    if result.error is not None:
-        return "failed"
-    last = result.metrics or {}
-    if last.get("epoch", 0) < epochs and not last.get("early_stopped"):
-        return "stopped_early"
-    return "completed"
 
 
 def experiment_path(cfg: AppConfig, parent_run_id: str) -> str:
@@ -213,7 +212,7 @@ def find_interrupted_search(cfg: AppConfig, tracking: Tracking) -> mlflow.entiti
     return None
 
 
-def run_search(cfg: AppConfig, tracking: Tracking, splits: Splits) -> SearchResult:
+def run_search(cfg: AppConfig, tracking: Tracking, splits: Splits, drill: FailureDrill | None = None) -> SearchResult:
     """Search inside the active MLflow run (the parent); returns the best trial and its best checkpoint. A parent
     run whose experiment exists already (a re-run after the driver died) restores it with Tuner.restore."""
     from ray import tune
@@ -231,8 +230,7 @@ def run_search(cfg: AppConfig, tracking: Tracking, splits: Splits) -> SearchResu
         # The trial's own function holds no CPU, so its training workers get them all; Tune rejects an empty request,
         # hence a token amount of memory.
         tune.with_parameters(
-            run_trial, base=cfg.model_dump(), splits=splits,
-            tracking={"uri": tracking.uri, "experiment_id": tracking.experiment_id}, parent_run_id=parent,
+            run_trial, base=cfg, splits=splits, tracking=tracking, parent_run_id=parent, drill=drill,
         ),
         {"cpu": 0, "memory": 64 * 2**20},
     )  # fmt: skip
@@ -246,14 +244,14 @@ def run_search(cfg: AppConfig, tracking: Tracking, splits: Splits) -> SearchResu
         tuner = _new_tuner(cfg, trainable, storage, parent, trials_before, path)
     grid = tuner.fit()
     fail_orphans(study, parent)
-    trials = _record_trials(grid, cfg, tracking, parent)
+    trials = record_trials(grid, cfg, tracking, parent)
     if not any(t["status"] != "failed" for t in trials):
         raise AppError(f"every trial of the search failed; see the Ray job log ({trials[0]['error']})")
     study = optuna.load_study(study_name=tc.study_name, storage=storage)
     summary = {"name": tc.study_name, "storage": safe_url(tc.storage), "trials_before": trials_before,
                "trials_after": len(study.trials), "objectives": tc.directions}  # fmt: skip
     chosen = _choose(grid, study, cfg)
-    _log_parent(trials, chosen, study, tc)
+    log_parent(trials, chosen, study, tc)
     return SearchResult(
         parent_run_id=parent, trials=trials, duration_s=round(time.perf_counter() - started, 2), study=summary,
         experiment_path=path, restored=restored, **chosen,
@@ -352,73 +350,3 @@ def _storage(cfg: AppConfig) -> str:
 
     path = cfg.train.storage_path
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def _record_trials(grid, cfg: AppConfig, tracking: Tracking, parent: str) -> list[dict[str, Any]]:
-    """Status, params, best metric, last objective values and duration per trial, also written to each nested run."""
-    tc = cfg.tune
-    client = MlflowClient()
-    children = {
-        r.data.tags.get(TRIAL_TAG): r.info.run_id
-        for r in client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    }
-    rows = []
-    for result in grid:
-        trial_id = str((result.metrics or {}).get("trial_id") or result.path.rsplit("_", 2)[-2])
-        epochs = int(result.config.get("epochs", cfg.train.epochs))
-        status = trial_status(result, epochs)
-        frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        best = (frame[tc.metric].max() if tc.mode == "max" else frame[tc.metric].min()) if tc.metric in frame else None
-        last = {f"last_{m}": (result.metrics or {}).get(m) for m in tc.directions} if tc.objectives else {}
-        last["param_count"] = (result.metrics or {}).get("param_count")
-        row = {"trial_id": trial_id, "status": status, **result.config, "best_" + tc.metric: best, **last,
-               "epochs_run": int(frame["epoch"].max()) if "epoch" in frame else 0,
-               "duration_s": float((result.metrics or {}).get("time_total_s", 0.0)),
-               "error": _error_line(result.error)}  # fmt: skip
-        rows.append(row)
-        run_id = children.get(trial_id)
-        if run_id:
-            client.set_tag(run_id, "trial_status", status)
-            client.log_metric(run_id, "duration_s", row["duration_s"])
-            client.set_terminated(run_id, {"failed": "FAILED", "stopped_early": "KILLED"}.get(status, "FINISHED"))
-    return rows
-
-
-def _error_line(error: BaseException | None) -> str:
-    """The line of a trial's error that says what went wrong: Ray's first lines name the actor, its last the cause."""
-    import re
-
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error or "").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1] if lines else ""
-
-
-def _log_parent(trials: list[dict], chosen: dict[str, Any], study: optuna.Study, tc: TuneConfig) -> None:
-    """Best params and metrics, the trials table, and Optuna's own plots of the persistent study (the Pareto front
-    in multi-objective mode)."""
-    mlflow.log_params({f"best.{k}": v for k, v in chosen["best_params"].items()})
-    prefixes = ("val_", "train_", "latency", "param")
-    mlflow.log_metrics({f"best_{k}": float(v) for k, v in chosen["best_metrics"].items()
-                        if isinstance(v, (int, float)) and k.startswith(prefixes)})  # fmt: skip
-    mlflow.log_text(pd.DataFrame(trials).to_csv(index=False), "tune/trials.csv")
-    counts = pd.Series([t["status"] for t in trials]).value_counts().to_dict()
-    mlflow.log_metrics({f"trials_{status}": n for status, n in counts.items()})
-    mlflow.log_metric("study_trials", len(study.trials))
-    if chosen.get("pareto_front") is not None:
-        mlflow.log_dict({"selection": chosen["selection"], "front": chosen["pareto_front"]}, "tune/pareto_front.json")
-    for name, plot in plots(study, tc).items():
-        try:
-            ax = plot()
-        except (ValueError, RuntimeError) as exc:  # e.g. too few finished trials for importances
-            log.warning("skipped the %s plot: %s", name, exc)
-            continue
-        _log_axes(ax, f"tune/{name}.png")
-
-
-def _log_axes(ax, artifact: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
-    fig.set_size_inches(9, 5)
-    mlflow.log_figure(fig, artifact)
-    plt.close(fig)

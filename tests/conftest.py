@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.config import AppConfig, load_config
-from ray_app.local import free_port, free_serve_ports, start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+from ray_app.config import AppConfig
+from ray_app.config_loader import load_config
+from ray_app.local import start_mlflow, start_ray_head, stop_mlflow, stop_ray_head
+from ray_app.ports import free_port, free_serve_ports
 
 # Ray's token authentication stays on (its default for `ray start`); a driver that names an explicit address must
 # opt in to sending the token, as users do with this variable.

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from ray_app.local import free_port
+from ray_app.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "monitoring" / "prometheus"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.local import free_port
+from ray_app.ports import free_port
 
 from .conftest import ROOT
 

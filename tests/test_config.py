@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.config import AppConfig, load_config, parse_override
+from ray_app.config import AppConfig
+from ray_app.config_loader import load_config, parse_override
 from ray_app.errors import AppError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -76,3 +77,18 @@ def test_fingerprint_ignores_where_things_run() -> None:
     c = load_config(None, ["train.lr=2e-4"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     assert "train.lr" in a.flat()
+
+
+def test_a_removed_key_fails_naming_what_replaces_it() -> None:
+    with pytest.raises(AppError, match=r"train: fail_after_epoch is no longer a setting: the failure drill is a test"):
+        load_config(None, ["train.fail_after_epoch=1"])
+
+
+def test_flags_arrive_typed_and_replace_copies_without_reparsing() -> None:
+    cfg = load_config(None, ["tune.num_samples=2"], {"tune": {"resume": True}, "monitor": {"last_n": 10}})
+    assert (cfg.tune.num_samples, cfg.tune.resume, cfg.monitor.last_n) == (2, True, 10)
+    changed = cfg.replace(train={"lr": 3e-4}, tune={"num_samples": 1})
+    assert (changed.train.lr, changed.tune.num_samples, changed.tune.resume) == (3e-4, 1, True)
+    assert (cfg.train.lr, cfg.tune.num_samples) == (1e-4, 2)  # the original is untouched
+    with pytest.raises(AppError, match=r"tune\.resume"):
+        load_config(None, updates={"tune": {"resume": "perhaps"}})

@@ -17,7 +17,7 @@ import pytest
 import ray
 import yaml
 
-from ray_app.config import load_config
+from ray_app.config_loader import load_config
 from ray_app.deploy import POD_OVERRIDES, _json_schema, render_rayservice, serve_config_for_pod
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient, fluent
 
 from ray_app.data import prepare
-from ray_app.local import free_port, start_mlflow, stop_mlflow
+from ray_app.local import start_mlflow, stop_mlflow
 from ray_app.pipeline import run_training, training_run
+from ray_app.ports import free_port
 from ray_app.runtime import setup_mlflow
 
 from .conftest import smoke_config

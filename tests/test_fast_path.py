@@ -14,7 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from ray_app.local import free_port, free_serve_ports, serve_fast_path, start_ray_head, stop_ray_head
+from ray_app.local import start_ray_head, stop_ray_head
+from ray_app.ports import free_port, free_serve_ports, serve_fast_path
 
 pytestmark = [
     pytest.mark.slow,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ray.train import Checkpoint
 
-from ray_app.config import load_config
+from ray_app.config_loader import load_config
 from ray_app.data import prepare
 from ray_app.model import TextClassifier
 from ray_app.train import MODEL_SUBDIR, train

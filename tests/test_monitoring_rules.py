@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_app.local import free_port
+from ray_app.ports import free_port
 from tests.prom import (
     DASHBOARD,
     PROM_DIR,

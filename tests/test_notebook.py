@@ -16,7 +16,7 @@ import requests
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
-from ray_app.local import free_port
+from ray_app.ports import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from ray_app.config import TrainConfig, load_config
+from ray_app.config import TrainConfig
+from ray_app.config_loader import load_config
 from ray_app.resources import TrainingRequest, impossible, waiting_for, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]

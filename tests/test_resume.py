@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ray_app.data import prepare
+from ray_app.drills import FailureDrill
 from ray_app.pipeline import run_training, training_run
 from ray_app.runtime import setup_mlflow
 
@@ -110,7 +111,6 @@ def test_rerun_of_an_unfinished_run_continues_it(mlflow_server, ray_cluster, tin
         tiny_model,
         storage,
         "train.epochs=2",
-        "train.fail_after_epoch=1",
         "train.max_failures=0",
     )
     tracking = setup_mlflow(cfg)
@@ -119,11 +119,10 @@ def test_rerun_of_an_unfinished_run_continues_it(mlflow_server, ray_cluster, tin
         pytest.raises(Exception, match="failure drill"),
         training_run(cfg, tracking, splits, "train") as (run_id, name),
     ):
-        run_training(cfg, tracking, splits, run_id, name)
+        run_training(cfg, tracking, splits, run_id, name, drill=FailureDrill(after_epoch=1))
     assert mlflow.get_run(run_id).info.status == "FAILED"
-    again = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_after_epoch": None})})
-    with training_run(again, tracking, splits, "train") as (run_id2, name2):
-        result = run_training(again, tracking, splits, run_id2, name2)
+    with training_run(cfg, tracking, splits, "train") as (run_id2, name2):
+        result = run_training(cfg, tracking, splits, run_id2, name2)
     assert (run_id2, name2) == (run_id, name)
     assert [h["epoch"] for h in result.history] == [1, 2]
     steps = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]

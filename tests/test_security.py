@@ -132,7 +132,8 @@ def protected_mlflow(tmp_path_factory: pytest.TempPathFactory):
     """An MLflow server with its own authentication, set up the way a cluster head does it (cluster.yaml): the
     credentials files made once, the server started with the admin's, the writer and reader made from theirs, and
     made again (a head restart) without harm."""
-    from ray_app.local import free_port, start_mlflow, stop_mlflow
+    from ray_app.local import start_mlflow, stop_mlflow
+    from ray_app.ports import free_port
     from ray_app.registry_auth import read_credentials
 
     root = tmp_path_factory.mktemp("mlflow-auth")

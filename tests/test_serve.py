@@ -19,9 +19,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ray_app.canary_report import ROLLBACK, canary_report, read_log
+from ray_app.canary_report import ROLLBACK, canary_report
 from ray_app.errors import AppError
-from ray_app.local import BIN, free_port
+from ray_app.local import BIN
+from ray_app.ports import free_port
+from ray_app.prediction_log import read_recent
 from ray_app.serve.app import DEPLOYMENT
 from ray_app.serve.settings import TrafficPolicy
 from tests.conftest import ROOT, smoke_config
@@ -416,12 +418,12 @@ def test_shadow_is_logged_not_returned_and_canary_report_judges(app):
     redeploy(app)
 
     def logged():
-        frame = read_log(str(app["conf"]["log_dir"]))
+        frame = read_recent(str(app["conf"]["log_dir"]))
         shadow = frame[(frame["route"] == "shadow") & frame["request_id"].str.startswith("shadow-")]
         return len(shadow) == 30 and set(shadow["model_version"]) == {app["v2"]}
 
     wait_until(logged, 30, "shadow rows in the prediction log")
-    frame = read_log(str(app["conf"]["log_dir"]))
+    frame = read_recent(str(app["conf"]["log_dir"]))
     frame = frame[frame["request_id"].str.startswith("shadow-")]  # this test's traffic only
     ok = canary_report(frame, app["v1"], app["v2"], CanaryConfig(min_requests=10, max_p99_ms=60_000, min_agreement=0))
     assert ok["verdict"] == "promote", ok
@@ -435,7 +437,7 @@ def test_prediction_log_reads_back_with_ray_data(app):
 
     answer(app, {"title": "logged row", "description": "for ray data"}, {"X-Request-Id": "raydata-1"})
     log_dir = str(app["conf"]["log_dir"])
-    wait_until(lambda: (read_log(log_dir)["request_id"] == "raydata-1").any(), 30, "the row in the log")
+    wait_until(lambda: (read_recent(log_dir)["request_id"] == "raydata-1").any(), 30, "the row in the log")
     ds = ray.data.read_parquet(log_dir, file_extensions=["parquet"])
     rows = ds.filter(lambda r: r["request_id"] == "raydata-1").take_all()
     assert rows and rows[0]["text"] == "logged row. for ray data" and rows[0]["status"] == 200
@@ -448,8 +450,8 @@ def test_a_reused_request_id_is_two_requests_in_the_log(app):
     for title in ("first of two", "second of two"):
         assert answer(app, {"title": title}, {"X-Request-Id": "reused-1"}).json()["request_id"] == "reused-1"
     log_dir = str(app["conf"]["log_dir"])
-    wait_until(lambda: (read_log(log_dir)["request_id"] == "reused-1").sum() >= 2, 30, "both rows in the log")
-    rows = read_log(log_dir).query("request_id == 'reused-1'")
+    wait_until(lambda: (read_recent(log_dir)["request_id"] == "reused-1").sum() >= 2, 30, "both rows in the log")
+    rows = read_recent(log_dir).query("request_id == 'reused-1'")
     assert rows["served_id"].nunique() == 2 and set(rows["text"]) == {"first of two", "second of two"}
 
 
@@ -464,7 +466,7 @@ def test_replay_sends_the_champions_test_rows_and_writes_their_labels(app, tmp_p
     log_dir = str(app["conf"]["log_dir"])
 
     def logged() -> bool:
-        frame = read_log(log_dir)
+        frame = read_recent(log_dir)
         primary = frame[frame["request_id"].isin(labels["request_id"]) & (frame["route"] != "shadow")]
         return len(primary) == 3 and set(primary["model_version"]) == {app["v1"]}
 
@@ -477,7 +479,7 @@ def test_canary_report_cli_prints_the_verdict_and_writes_results(app, tmp_path):
     from tests.test_cli import ray_app
 
     answer(app, headers={"X-Request-Id": "cli-report-1"})
-    wait_until(lambda: (read_log(str(app["conf"]["log_dir"]))["request_id"] == "cli-report-1").any(), 30, "the log")
+    wait_until(lambda: (read_recent(str(app["conf"]["log_dir"]))["request_id"] == "cli-report-1").any(), 30, "the log")
     sets = [
         f"mlflow.tracking_uri={app['conf']['tracking_uri']}",
         f"registry.model_name={app['name']}",

@@ -10,11 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from ray_app.buckets import bucket
 from ray_app.canary_report import HOLD, PROMOTE, ROLLBACK, canary_report
 from ray_app.config import CanaryConfig
 from ray_app.model_ids import BadModelId, ModelRef, Resolver, parse_model_id
 from ray_app.prediction_log import text_fields
-from ray_app.serve.policy import Guard, bucket, choose
+from ray_app.serve.policy import Guard, choose
 from ray_app.serve.predlog import PredictionLog
 from ray_app.serve.settings import CanaryGuard, PredictionLogSettings, ServeArgs, TrafficPolicy
 
@@ -94,6 +95,15 @@ def test_policy_and_args_validation():
         TrafficPolicy(primary="../x")
     with pytest.raises(ValueError, match="one request must fit in one batch"):
         ServeArgs(max_items=64)
+    assert ServeArgs(batch={"max_batch_size": 1}).max_items == 32  # no batching: each request runs alone
+    with pytest.raises(ValueError, match="enabled is no longer a setting: set max_batch_size: 1"):
+        ServeArgs(batch={"enabled": False})
+
+
+def test_the_guard_pulls_a_canary_only_past_the_promotion_bar():
+    """Two sets of canary limits on purpose: a canary between them keeps its traffic but is not promoted."""
+    guard, bar = CanaryGuard(), CanaryConfig()
+    assert guard.max_error_rate >= bar.max_error_rate and guard.max_p99_ms >= bar.max_p99_ms
 
 
 def test_guard_trips_on_errors_and_latency():
@@ -273,7 +283,7 @@ def _shipped_app_and_deployment() -> tuple[ServeArgs, dict]:
 
 
 def test_the_shipped_app_promises_the_labels_the_pipeline_trains():
-    from ray_app.config import load_config
+    from ray_app.config_loader import load_config
     from tests.conftest import ROOT
 
     args, _ = _shipped_app_and_deployment()

@@ -20,10 +20,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
-from ray_app.config import TuneConfig, load_config
+from ray_app.config_loader import load_config
+from ray_app.drills import FailureDrill
 from ray_app.errors import AppError
 from ray_app.study import default_point, enqueue_first_points, open_storage, prepare_study, select_from_front
 from ray_app.tune import apply_params, search_space
+from ray_app.tune_config import TuneConfig
 
 from .conftest import SMOKE, smoke_config
 
@@ -198,12 +200,11 @@ def status_search(mlflow_server, ray_cluster, storage, tmp_path_factory):
         mlflow_server, ray_cluster["address"], Path("bundled:all-MiniLM-L6-v2"), storage,
         "model.name_or_path=bundled:all-MiniLM-L6-v2", "data.max_rows=100", "train.torch_threads=2",
         "train.lr=2.0e-4", "train.max_failures=0", "tune.max_concurrent_trials=1", "tune.num_samples=3",
-        "tune.space={lr: {kind: loguniform, low: 1.0e-8, high: 1.0e-3}, "
-        "fail_after_epoch: {kind: choice, values: [null, 1]}}",
-        "tune.points_to_evaluate=[{lr: 1.0e-8, fail_after_epoch: null}, {lr: 3.0e-4, fail_after_epoch: 1}]",
+        "tune.space={lr: {kind: loguniform, low: 1.0e-8, high: 1.0e-3}}",
+        "tune.points_to_evaluate=[{lr: 1.0e-8}, {lr: 3.0e-4}]",
         f"tune.storage=sqlite:///{db}", f"tune.study_name={name}", f"registry.model_name={name}",
     )  # fmt: skip
-    results = run_tune(cfg, setup_mlflow(cfg))
+    results = run_tune(cfg, setup_mlflow(cfg), drill=FailureDrill(after_epoch=1, trial_params={"lr": 3.0e-4}))
     return cfg, results, {t["lr"]: t for t in results["search"]["trials"]}
 
 
@@ -239,14 +240,10 @@ def test_resume_grows_the_study_without_repeating_a_trial(status_search) -> None
     from ray_app.runtime import setup_mlflow
 
     cfg, first, _ = status_search
-    again = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"num_samples": 1})})
+    again = cfg.replace(tune={"num_samples": 1})
     with pytest.raises(AppError, match="already has 3 trials; pass --resume"):
         run_tune(again, setup_mlflow(again))
-    # max_failures=1: should the sampler pick the failure drill, the worker recovers from its checkpoint.
-    resumed = again.model_copy(
-        update={"tune": again.tune.model_copy(update={"resume": True}),
-                "train": again.train.model_copy(update={"max_failures": 1})}
-    )  # fmt: skip
+    resumed = again.replace(tune={"resume": True})
     results = run_tune(resumed, setup_mlflow(resumed))
     assert results["run_id"] != first["run_id"] and not results["search"]["restored"]
     assert (results["search"]["study"]["trials_before"], results["search"]["study"]["trials_after"]) == (3, 4)
@@ -271,8 +268,8 @@ def test_refit_trains_the_chosen_values_on_train_and_val(mlflow_server, ray_clus
     the search; its drift reference holds only the test rows, which it never saw."""
     import pandas as pd
 
-    from ray_app.monitor import REFERENCE_TAG
     from ray_app.pipeline import REFIT_TAG, run_tune
+    from ray_app.reference import REFERENCE_TAG
     from ray_app.runtime import setup_mlflow
 
     name = f"refit-{uuid.uuid4().hex[:6]}"

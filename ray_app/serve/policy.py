@@ -3,23 +3,17 @@ misbehaving canary out of the split."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from ray_app.buckets import bucket
 from ray_app.serve.settings import CanaryGuard, TrafficPolicy
 
 log = logging.getLogger("ray.serve")
 PRIMARY, CANARY, SHADOW, NAMED = "primary", "canary", "shadow", "named"
-
-
-def bucket(caller: str) -> float:
-    """A caller's fixed place in [0, 1): the same caller lands on the same side of every split."""
-    digest = hashlib.sha256(caller.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass(frozen=True)

@@ -99,12 +99,10 @@ class ModelPool:
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(load)
         # One thread for forward passes: torch's own threads do the parallel work, and two passes at once would
-        # only share the same cores. Batching off means one request per pass, for comparison.
+        # only share the same cores. A batch size of 1 is one request per pass (a larger request still runs, alone).
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         batch = args.batch
-        self.batcher = DrainBatcher(
-            self._forward, max_items=batch.max_batch_size if batch.enabled else 1, wait_s=batch.batch_wait_timeout_s
-        )
+        self.batcher = DrainBatcher(self._forward, max_items=batch.max_batch_size, wait_s=batch.batch_wait_timeout_s)
         self._serve_batch.set_max_batch_size(batch.max_batch_size)
         self._serve_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
         self.m_batch = metrics.Histogram(
@@ -238,7 +236,7 @@ class ModelPool:
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
         loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
         payload = (texts, loaded)
-        if self.args.batch.enabled and self.args.batch.mode == "serve_batch":
+        if self.args.batch.mode == "serve_batch":
             probs, batch_items = await self._serve_batch(payload)
         else:
             probs, batch_items = await self.batcher.submit(model_id, payload, len(texts))

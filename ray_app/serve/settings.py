@@ -3,29 +3,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ray_app.config import DEFAULT_LABELS, Backend
+from ray_app.config_base import DEFAULT_LABELS, MAX_TEXT_CHARS, Backend, Section
 from ray_app.model_ids import parse_model_id
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BatchSettings(_Strict):
+class BatchSettings(Section):
     """Batching in the model pool (batcher.py): a request that finds the replica idle runs at once; requests that
     queue while a forward pass runs go together in the next one. Sizes count items, so a 32-item request fills one."""
 
-    enabled: bool = Field(True, description="False: every request is its own forward pass (for comparison).")
+    removed: ClassVar[dict[str, str]] = {"enabled": "set max_batch_size: 1 for no batching (each request its own pass)"}
+
     mode: Literal["drain", "serve_batch"] = Field(
         "drain",
         description="drain: the pool's DrainBatcher; serve_batch: Ray's @serve.batch (cut when full or "
         "batch_wait_timeout_s after its first request), kept so bench/serve.py can compare the two in one run.",
     )
-    max_batch_size: int = Field(32, ge=1, le=512)
+    max_batch_size: int = Field(
+        32, ge=1, le=512, description="1 turns batching off: every request is its own forward pass, whatever its items."
+    )
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
@@ -41,7 +40,7 @@ class BatchSettings(_Strict):
     )
 
 
-class PredictionLogSettings(_Strict):
+class PredictionLogSettings(Section):
     """Where every prediction goes (Parquet, written off the request path) and how long it is kept."""
 
     uri: str | None = Field(
@@ -56,7 +55,7 @@ class PredictionLogSettings(_Strict):
     )
 
 
-class ServeArgs(_Strict):
+class ServeArgs(Section):
     """`args` of the application in serve_config.yaml."""
 
     tracking_uri: str | None = Field(None, description="MLflow server; null: MLFLOW_TRACKING_URI or 127.0.0.1:5000.")
@@ -71,7 +70,7 @@ class ServeArgs(_Strict):
     )
     max_models_per_replica: int = Field(3, ge=1)
     max_items: int = Field(32, ge=1, description="Most items in one /predict request.")
-    max_text_chars: int = Field(2000, ge=1, description="Most characters in one title or description.")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1, description="Most characters in one title or description.")
     max_body_bytes: int = Field(
         1_000_000, ge=1_000, description="Larger request bodies get 413, counted as they arrive (chunked too)."
     )
@@ -121,10 +120,11 @@ class ServeArgs(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
         parse_model_id(self.default_model, self.model_name)
-        if self.max_items > self.batch.max_batch_size:
+        batching = self.batch.max_batch_size > 1 or self.batch.mode == "serve_batch"
+        if batching and self.max_items > self.batch.max_batch_size:
             raise ValueError(
                 f"max_items {self.max_items} exceeds batch.max_batch_size {self.batch.max_batch_size}: "
-                "one request must fit in one batch"
+                "one request must fit in one batch (or set max_batch_size: 1, no batching)"
             )
         if self.max_items > self.max_queued_items:
             raise ValueError(
@@ -134,8 +134,9 @@ class ServeArgs(_Strict):
         return self
 
 
-class CanaryGuard(_Strict):
-    """Limits that take a canary out of the split on their own, judged on its recent requests in each replica."""
+class CanaryGuard(Section):
+    """Limits that take a canary out of the split on their own, judged on its recent requests in each replica: looser
+    than the promotion bar of `ray-app canary-report` (config.CanaryConfig), which a canary must meet to be promoted."""
 
     max_error_rate: float = Field(0.05, ge=0, le=1)
     max_p99_ms: float = Field(500, gt=0)
@@ -143,7 +144,7 @@ class CanaryGuard(_Strict):
     window: int = Field(200, ge=10, description="Recent canary requests the limits look at.")
 
 
-class TrafficPolicy(_Strict):
+class TrafficPolicy(Section):
     """The deployment's `user_config`. A request that names a model bypasses all of it."""
 
     primary: str = Field("@champion", description="Model id most traffic gets.")
