@@ -70,15 +70,27 @@ def setup_mlflow(cfg: AppConfig) -> Tracking:
     return Tracking(uri=uri, experiment_id=exp_id, experiment_name=cfg.mlflow.experiment)
 
 
+# MLflow 3's UI picks an experiment's view from this tag; without it, an experiment of runs opens on an empty GenAI
+# traces page. The training view shows runs, charts and models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(name: str, artifact_location: str | None = None) -> str:
-    """The experiment's id, created on first use; safe when two processes create it at once."""
+    """The experiment's id, created on first use (safe when two processes create it at once) and tagged for the
+    training view, an existing one included."""
+    key, kind = EXPERIMENT_KIND
     exp: Experiment | None = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
+        except mlflow.exceptions.MlflowException:  # created concurrently by another process
+            exp = mlflow.get_experiment_by_name(name)
+    if exp.tags.get(key) != kind:
+        try:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, kind)
+        except mlflow.exceptions.MlflowException as exc:  # e.g. a reader on a protected server: only the view
+            log.warning("could not tag experiment %s for MLflow's training view: %s", name, exc.message)
+    return exp.experiment_id
 
 
 def connect_ray(cfg: AppConfig) -> None:

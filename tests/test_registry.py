@@ -49,3 +49,18 @@ def test_promotion_gate_both_ways_and_rollback(smoke_run) -> None:
     assert aliases(cfg.registry) == {"challenger": v2, "champion": v1}
     with pytest.raises(AppError, match="no 'previous' version"):
         rollback(cfg.registry)
+
+
+def test_experiments_open_in_mlflows_training_view(mlflow_server) -> None:
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI traces page."""
+    import uuid
+
+    from ray_app.runtime import EXPERIMENT_KIND, experiment_id
+
+    mlflow.set_tracking_uri(mlflow_server)
+    key, kind = EXPERIMENT_KIND
+    new = experiment_id(f"kind-{uuid.uuid4().hex[:6]}")
+    old = mlflow.create_experiment(f"kind-old-{uuid.uuid4().hex[:6]}")  # made before the app, untagged
+    assert experiment_id(mlflow.get_experiment(old).name) == old
+    for exp in (new, old):
+        assert mlflow.get_experiment(exp).tags.get(key) == kind

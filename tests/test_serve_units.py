@@ -483,10 +483,33 @@ def test_edge_answers_408_when_the_body_stalls():
     assert (status, answer["error"]) == (408, "request_timeout")
 
 
-def test_edge_wants_the_api_key_everywhere_but_health():
+def test_edge_wants_the_api_key_everywhere_but_health_and_the_api_docs():
     assert _run_edge([_chunk(b"", more=False)], headers={})[1]["error"] == "unauthorized"
     assert _run_edge([_chunk(b"", more=False)], headers={"authorization": "Bearer k"})[0] == 200
-    assert _run_edge([_chunk(b"", more=False)], headers={}, path="/health")[0] == 200
+    for path in ("/health", "/docs", "/openapi.json", "/swagger/swagger-ui-bundle.js", "/swagger/swagger-ui.css"):
+        assert _run_edge([_chunk(b"", more=False)], headers={}, path=path)[0] == 200, path
+    for path in ("/predict", "/models", "/ready", "/docsx", "/swagger/other.js"):
+        assert _run_edge([_chunk(b"", more=False)], headers={}, path=path)[0] == 401, path
+
+
+def test_docs_page_uses_only_the_apps_own_swagger_files():
+    """Swagger UI from the installed package, not a CDN: the page renders on a machine without internet."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from ray_app.serve.ingress import api
+
+    client = TestClient(api)
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources and all(s.startswith("http://testserver/swagger/") for s in sources), sources
+    for source in sources:
+        asset = client.get(source)
+        assert asset.status_code == 200 and len(asset.content) > 500, source
+    assert "SwaggerUIBundle" in client.get("/swagger/swagger-ui-bundle.js").text
+    assert "/openapi.json" in page.text
 
 
 def test_new_ids_are_looked_up_at_a_bounded_rate():

@@ -20,7 +20,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = ("/health",)
+# Open even when an API key is set: liveness, and the API's documentation (Swagger UI's page and files, and the OpenAPI
+# document it renders: routes, limits and labels, no model or data). Everything else needs the key.
+OPEN_PATHS = (
+    "/health", "/docs", "/openapi.json",
+    "/swagger/swagger-ui-bundle.js", "/swagger/swagger-ui.css", "/swagger/favicon-32x32.png",
+)  # fmt: skip
 
 
 def error_body(code: str, detail: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_swagger import patch_fastapi
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,7 +52,12 @@ def probabilities(labels: list[str], row) -> dict[str, float]:
 api = FastAPI(
     title="ray_app classifier",
     description="Tags ML projects (NLP, computer vision, MLOps, other) with any registered model version.",
+    docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN: blank on a machine without internet
+    redoc_url=None,
+    swagger_ui_oauth2_redirect_url=None,
 )
+# /docs with Swagger UI 5 from the installed fastapi-swagger package, "Try it out" on; its pages are open (edge.py).
+patch_fastapi(api, docs_url="/docs", redirect_from_root_to_docs=False, title="ray_app classifier: API")
 
 
 @api.exception_handler(ApiError)
