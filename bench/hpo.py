@@ -31,6 +31,7 @@ from _common import config, connect, median, parse, parser, report
 
 from ray_app.config import AppConfig
 from ray_app.data import Splits, prepare
+from ray_app.metrics import mlflow_name
 
 SIZES = [
     "data.max_length=64",
@@ -70,7 +71,7 @@ def search(cfg: AppConfig, splits: Splits, tracking, method: str, seed: int, sto
     client = MlflowClient()
     children = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{found.parent_run_id}'")
     timeline = sorted(
-        (m.timestamp, m.value) for c in children for m in client.get_metric_history(c.info.run_id, METRIC)
+        (m.timestamp, m.value) for c in children for m in client.get_metric_history(c.info.run_id, mlflow_name(METRIC))
     )
     return {
         "method": method,
@@ -82,7 +83,7 @@ def search(cfg: AppConfig, splits: Splits, tracking, method: str, seed: int, sto
         "stopped_early": sum(t["status"] == "stopped_early" for t in found.trials),
         "failed": sum(t["status"] == "failed" for t in found.trials),
         "best_params": found.best_params,
-        "trial_s": [c.data.metrics.get("duration_s") for c in children],  # Tune's time_total_s per trial
+        "trial_s": [c.data.metrics.get("train/duration_s") for c in children],  # Tune's time_total_s per trial
     }
 
 

@@ -176,7 +176,7 @@ def evaluate(
             raise AppError(f"model {uri} could not be loaded: {exc.message.splitlines()[0]}") from None
         with mlflow.start_run(run_name="evaluate", tags={"model_uri": uri}) as run:
             result, artifacts = run_eval(clf, rows, splits.train, cfg.data.text_columns, cfg.evaluate)
-            log_to_mlflow(result, artifacts, "eval_")
+            log_to_mlflow(result, artifacts, "eval")
         return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
 
     _run("evaluate", config, set_, results_dir, body, results_file)

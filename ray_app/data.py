@@ -312,12 +312,12 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
         source = cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve())
         ds = mlflow.data.from_pandas(splits.frame(name), source=source, name=f"projects-{name}", targets="label")
         mlflow.log_input(ds, context=context, tags=input_tags)
-    metrics = {f"data.rows_{n}": v for n, v in splits.report.split_sizes.items()}
-    metrics.update({f"data.bad_{r}": v for r, v in splits.report.bad_rows.items()})
-    metrics.update({"data.rows_read": splits.report.rows_read, "data.bad_fraction": splits.report.bad_fraction})
+    metrics = {f"data/rows_{n}": v for n, v in splits.report.split_sizes.items()}
+    metrics.update({f"data/bad_{r}": v for r, v in splits.report.bad_rows.items()})
+    metrics.update({"data/rows_read": splits.report.rows_read, "data/bad_fraction": splits.report.bad_fraction})
     if cfg.feedback_uri:
-        metrics["data.rows_feedback"] = splits.report.feedback_rows
-        metrics.update({f"data.feedback_bad_{r}": v for r, v in splits.report.feedback_bad.items()})
+        metrics["data/rows_feedback"] = splits.report.feedback_rows
+        metrics.update({f"data/feedback_bad_{r}": v for r, v in splits.report.feedback_bad.items()})
     mlflow.log_metrics(metrics)
     mlflow.log_dict(splits.report.to_dict(), "data/report.json")
     mlflow.set_tags({"data_digest": splits.report.digest, **dvc})

@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+from ray_app.metrics import epoch_metrics, mlflow_name
+
 log = logging.getLogger("ray_app")
 
 
@@ -51,7 +53,7 @@ class EpochLogger:
 
         now = int(time.time() * 1000)  # the epoch's own time, whenever the batch reaches the server
         with self._cond:
-            self._queue.append([Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self._queue.append([Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
             self._cond.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._send_forever, name="mlflow-epoch-logger", daemon=True)
@@ -107,11 +109,11 @@ def backfill_epoch_metrics(tracking_uri: str | None, run_id: str | None, history
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+    logged = {m.step for m in client.get_metric_history(run_id, mlflow_name("train_loss"))}
     missing = [h for h in history if int(h["epoch"]) not in logged]
     now = int(time.time() * 1000)
     for h in missing:
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(h["epoch"])) for k, v in h.items()])
+        client.log_batch(run_id, metrics=[Metric(k, v, now, int(h["epoch"])) for k, v in epoch_metrics(h).items()])
     if missing:
         log.warning("logged the metrics of epochs %s from the checkpoint", [int(h["epoch"]) for h in missing])
     return len(missing)

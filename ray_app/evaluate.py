@@ -166,19 +166,20 @@ def evaluate(
     return result, artifacts
 
 
-def log_to_mlflow(result: EvalResult, artifacts: dict[str, Any], prefix: str) -> None:
-    """Flat metrics with a prefix (test_f1_weighted, ...) and the plots and tables under evaluation/."""
+def log_to_mlflow(result: EvalResult, artifacts: dict[str, Any], section: str) -> None:
+    """Metrics in one MLflow section (`test/f1_weighted`, `test/baseline/f1_weighted`, `test/class/mlops/f1`, ...) and
+    the plots and tables under evaluation/SECTION/."""
     import mlflow
 
-    metrics = {f"{prefix}{k}": v for k, v in result.metrics.items()}
-    metrics.update({f"{prefix}baseline_{k}": v for k, v in result.baseline.items()})
-    metrics.update({f"{prefix}vs_baseline_{k}": v for k, v in result.difference.items()})
+    metrics = {f"{section}/{k}": v for k, v in result.metrics.items()}
+    metrics.update({f"{section}/baseline/{k}": v for k, v in result.baseline.items()})
+    metrics.update({f"{section}/vs_baseline/{k}": v for k, v in result.difference.items()})
     for label, values in result.per_class.items():
-        metrics.update({f"{prefix}{label}_{k}": v for k, v in values.items() if k != "support"})
+        metrics.update({f"{section}/class/{label}/{k}": v for k, v in values.items() if k != "support"})
     for name, values in result.slices.items():
-        metrics.update({f"{prefix}slice_{name}_{k}": v for k, v in values.items()})
+        metrics.update({f"{section}/slice/{name}/{k}": v for k, v in values.items()})
     mlflow.log_metrics(metrics)
-    folder = f"evaluation/{prefix.rstrip('_') or 'eval'}"
+    folder = f"evaluation/{section}"
     for name, item in artifacts.items():
         if isinstance(item, pd.DataFrame):
             mlflow.log_text(item.to_csv(index=False), f"{folder}/{name}.csv")

@@ -100,6 +100,7 @@ def run_training(
 ) -> TrainResult:
     result = train(cfg, splits, name, tracking.uri, run_id, drill=drill)
     backfill_epoch_metrics(tracking.uri, run_id, result.history)
+    log_best_epoch(result)
     if result.history:
         mlflow.log_figure(plot_learning_curves(result.history), "training/learning_curves.png")
     mlflow.log_dict(result.to_dict(), "training/result.json")
@@ -107,10 +108,23 @@ def run_training(
     return result
 
 
-def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str, prefix: str = "test_") -> EvalResult:
+def log_best_epoch(result: TrainResult) -> None:
+    """What the registered checkpoint scored (its epoch, not the last one's), the model size as a param, and whether
+    early stopping ended the run, as a tag: the run page shows these first."""
+    best = result.best_metrics
+    metrics = {f"best/{k}": v for k, v in best.items() if k.startswith("val_") or k == "epoch"}
+    metrics["train/epochs_run"] = float(len(result.history))
+    mlflow.log_metrics(metrics)
+    if "param_count" in best:
+        mlflow.log_param("model.param_count", int(best["param_count"]))
+    stopped = bool(result.history and result.history[-1].get("early_stopped"))
+    mlflow.set_tags({"early_stopped": str(stopped).lower(), "best_epoch": str(int(best.get("epoch", 0)))})
+
+
+def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str) -> EvalResult:
     clf = TextClassifier.load(model_dir, cfg.data.max_length)
     result, artifacts = evaluate(clf, splits.test, splits.train, cfg.data.text_columns, cfg.evaluate)
-    log_eval(result, artifacts, prefix)
+    log_eval(result, artifacts, "test")
     return result
 
 

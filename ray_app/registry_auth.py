@@ -180,7 +180,8 @@ def create_users(
 # (evaluate.log_eval): serving refuses a version without them, so a version registered by hand, by a script or by
 # anyone who got hold of registry credentials is not served unless the app's config says so (require_lineage).
 LINEAGE_TAGS = ("run_id", "data_digest", "config_hash", "git_commit")
-EVALUATION_METRIC = "test_f1_weighted"
+EVALUATION_METRIC = "test/f1_weighted"
+EVALUATION_METRIC_BEFORE = "test_f1_weighted"  # its name on versions registered before metrics had sections
 
 
 def lineage_problem(client, name: str, version: str) -> str | None:
@@ -190,7 +191,8 @@ def lineage_problem(client, name: str, version: str) -> str | None:
     missing = [tag for tag in LINEAGE_TAGS if tag not in (mv.tags or {})]
     if missing:
         return f"it has no lineage tags {missing} (the pipeline's `ray-app register` writes them)"
-    if not mv.run_id or EVALUATION_METRIC not in client.get_run(mv.run_id).data.metrics:
+    logged = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    if EVALUATION_METRIC not in logged and EVALUATION_METRIC_BEFORE not in logged:
         return f"its run has no test evaluation ({EVALUATION_METRIC})"
     return None
 

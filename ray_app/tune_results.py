@@ -56,7 +56,7 @@ def record_trials(grid, cfg: AppConfig, tracking: Tracking, parent: str) -> list
         run_id = children.get(trial_id)
         if run_id:
             client.set_tag(run_id, "trial_status", status)
-            client.log_metric(run_id, "duration_s", row["duration_s"])
+            client.log_metric(run_id, "train/duration_s", row["duration_s"])
             client.set_terminated(run_id, {"failed": "FAILED", "stopped_early": "KILLED"}.get(status, "FINISHED"))
     return rows
 
@@ -73,12 +73,12 @@ def log_parent(trials: list[dict], chosen: dict[str, Any], study: optuna.Study, 
     in multi-objective mode)."""
     mlflow.log_params({f"best.{k}": v for k, v in chosen["best_params"].items()})
     prefixes = ("val_", "train_", "latency", "param")
-    mlflow.log_metrics({f"best_{k}": float(v) for k, v in chosen["best_metrics"].items()
+    mlflow.log_metrics({f"best/{k}": float(v) for k, v in chosen["best_metrics"].items()
                         if isinstance(v, (int, float)) and k.startswith(prefixes)})  # fmt: skip
     mlflow.log_text(pd.DataFrame(trials).to_csv(index=False), "tune/trials.csv")
     counts = pd.Series([t["status"] for t in trials]).value_counts().to_dict()
-    mlflow.log_metrics({f"trials_{status}": n for status, n in counts.items()})
-    mlflow.log_metric("study_trials", len(study.trials))
+    mlflow.log_metrics({f"tune/trials_{status}": n for status, n in counts.items()})
+    mlflow.log_metric("tune/study_trials", len(study.trials))
     if chosen.get("pareto_front") is not None:
         mlflow.log_dict({"selection": chosen["selection"], "front": chosen["pareto_front"]}, "tune/pareto_front.json")
     for name, plot in plots(study, tc).items():

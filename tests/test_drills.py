@@ -50,7 +50,7 @@ def test_drill_mlflow_down_for_20s_mid_training_loses_no_metric(ray_cluster, tin
         def outage(run_id: str) -> None:
             client = MlflowClient(url)
             deadline = time.monotonic() + 300
-            while not client.get_metric_history(run_id, "train_loss") and time.monotonic() < deadline:
+            while not client.get_metric_history(run_id, "train/loss") and time.monotonic() < deadline:
                 time.sleep(0.2)
             marks["down"] = time.time()
             stop_mlflow(server["pid"], root)
@@ -69,11 +69,11 @@ def test_drill_mlflow_down_for_20s_mid_training_loses_no_metric(ray_cluster, tin
         client = MlflowClient(url)
         assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
         assert mlflow.get_run(run_id).info.status == "FINISHED"
-        for key in ("train_loss", "val_loss", "val_f1_weighted", "lr", "epoch_s"):
+        for key in ("train/loss", "val/loss", "val/f1_weighted", "train/lr", "train/epoch_s"):
             steps = sorted(m.step for m in client.get_metric_history(run_id, key))
             assert steps == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
         # each epoch's metrics carry the time the epoch ended: no gap as long as the outage means training went on
-        times = sorted(m.timestamp for m in client.get_metric_history(run_id, "train_loss"))
+        times = sorted(m.timestamp for m in client.get_metric_history(run_id, "train/loss"))
         gaps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]
         down_s = marks["up"] - marks["down"]
         during = sum(marks["down"] <= t / 1000 <= marks["up"] for t in times)

@@ -36,9 +36,16 @@ def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
     run = mlflow.get_run(results["run_id"])
     assert run.data.params["train.epochs"] == str(cfg.train.epochs)
     assert run.data.tags["data_digest"] == results["data"]["digest"]
-    assert {"test_f1_weighted", "test_baseline_f1_weighted", "val_f1_weighted", "data.rows_train"} <= set(
-        run.data.metrics
-    )
+    sections = {"test/f1_weighted", "test/baseline/f1_weighted", "val/f1_weighted", "data/rows_train", "best/epoch"}
+    assert sections <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if "/" not in k], "every metric in a section of the run page"
+    best = results["train"]["best_metrics"]
+    assert run.data.metrics["best/val_f1_weighted"] == best["val_f1_weighted"]
+    assert run.data.tags["best_epoch"] == str(int(best["epoch"])) and run.data.tags["early_stopped"] in {
+        "true",
+        "false",
+    }
+    assert int(run.data.params["model.param_count"]) > 0
     contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
     assert contexts == {"training", "validation", "test"}
     client = MlflowClient()
@@ -55,7 +62,7 @@ def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
         "evaluation/test/worst_errors.html",
     ):
         assert expected in files, f"{expected} missing from {sorted(files)}"
-    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_weighted")]
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/f1_weighted")]
     assert epochs == list(range(1, cfg.train.epochs + 1))
 
 

@@ -86,9 +86,9 @@ def test_drill_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(
     assert marks["registered_at_kill"] == 1, f"the kill came after epoch 2's checkpoint: {marks}"
     assert [h["epoch"] for h in result.history] == [1, 2]
     client = MlflowClient()
-    steps = sorted({m.step for m in client.get_metric_history(run_id, "train_loss")})
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
     assert steps == [1, 2], f"an epoch was lost: {steps}"
-    resumed = client.get_metric_history(run_id, "resumed_from_epoch")
+    resumed = client.get_metric_history(run_id, "train/resumed_from_epoch")
     assert [m.value for m in resumed] == [1.0], "the new worker did not resume from the epoch-1 checkpoint"
     assert mlflow.get_run(run_id).info.status == "FINISHED"
 
@@ -125,5 +125,5 @@ def test_rerun_of_an_unfinished_run_continues_it(mlflow_server, ray_cluster, tin
         result = run_training(cfg, tracking, splits, run_id2, name2)
     assert (run_id2, name2) == (run_id, name)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "train/loss")]
     assert steps == [1, 2]

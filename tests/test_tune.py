@@ -86,7 +86,7 @@ def test_smoke_search_end_to_end(mlflow_server, ray_cluster, tiny_model, storage
     client = MlflowClient()
     children = client.search_runs([mlflow.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 2 and all(c.data.tags["trial_status"] in {"completed", "stopped_early"} for c in children)
-    assert all(c.data.metrics.get("val_f1_weighted") is not None for c in children)
+    assert all(c.data.metrics.get("val/f1_weighted") is not None for c in children)
     files = {f.path for f in client.list_artifacts(parent, "tune")}
     assert {"tune/trials.csv", "tune/optimization_history.png"} <= files
     version = client.get_model_version_by_alias(name, "challenger")
@@ -138,7 +138,7 @@ def test_study_with_other_objectives_is_refused(tmp_path) -> None:
         prepare_study(tc, storage, {})
     multi = load_config(None, [f"tune.storage={storage_url}", "tune.study_name=s1", "tune.resume=true",
                                "tune.objectives={val_f1_weighted: max, latency_p50_ms: min}"]).tune  # fmt: skip
-    with pytest.raises(AppError, match="latency_p50_ms"):
+    with pytest.raises(AppError, match="val/latency_p50_ms"):
         prepare_study(multi, storage, {})
 
 
@@ -285,7 +285,7 @@ def test_refit_trains_the_chosen_values_on_train_and_val(mlflow_server, ray_clus
     run = client.get_run(refit["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == results["run_id"] and run.data.tags[REFIT_TAG] == "train+val"
     assert run.info.status == "FINISHED" and run.data.params["train_rows"] == str(refit["train_rows"])
-    steps = [m.step for m in client.get_metric_history(refit["run_id"], "train_loss")]
+    steps = [m.step for m in client.get_metric_history(refit["run_id"], "train/loss")]
     assert steps == list(range(1, refit["epochs"] + 1))
     assert refit["checkpoint_path"] != search["best_checkpoint_path"]
     version = client.get_model_version_by_alias(name, "challenger")
@@ -323,7 +323,7 @@ def test_multi_objective_search_reports_and_logs_a_pareto_front(
     files = {f.path for f in client.list_artifacts(parent, "tune")}
     assert {"tune/pareto_front.png", "tune/pareto_front.json", "tune/trials.csv"} <= files
     trial = search["trials"][0]
-    history = client.get_metric_history(_child(parent, trial["trial_id"]).info.run_id, "latency_p50_ms")
+    history = client.get_metric_history(_child(parent, trial["trial_id"]).info.run_id, "val/latency_p50_ms")
     assert [m.step for m in history] == list(range(1, trial["epochs_run"] + 1))  # measured every epoch
     sizes = {t["num_layers"]: t["param_count"] for t in search["trials"] if t["param_count"]}
     if len(sizes) == 2:  # fewer layers really is a smaller model
