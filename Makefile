@@ -17,13 +17,14 @@ export RAY_AUTH_MODE ?= token
 SERVE_PORT ?= 8000
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor repro stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor drift-demo repro stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
 	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
 	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
 	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
+	@echo "make drift-demo - send shifted traffic (titles only) and watch the monitor report the breach"
 	@echo "make repro  - dvc repro: the DVC pipeline (dvc.yaml: data, train, register, evaluate) on the running head"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
@@ -53,6 +54,7 @@ up: venv
 run: up
 	@echo "== submitting the pipeline ($(CONFIG)) to the Ray head; logs stream below =="
 	$(BIN)/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
+	  --submission-id "pipeline-$$(date +%Y%m%d-%H%M%S)" \
 	  --runtime-env-json '{"env_vars": {"RAY_APP_GIT_COMMIT": "$(shell git rev-parse HEAD 2>/dev/null || echo unknown)"}}' \
 	  -- ray-app pipeline --config $(CONFIG) --results-dir $(CURDIR)/results \
 	     --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
@@ -61,7 +63,8 @@ run: up
 	@$(MAKE) --no-print-directory replay
 	@$(MAKE) --no-print-directory monitor
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
-	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs)"
+	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs; Jobs tab: this pipeline)"
+	@echo "                it asks for a token: paste the output of  $(BIN)/ray get-auth-token"
 	@echo "Metrics:        http://127.0.0.1:8080/metrics  (Prometheus scrape target; ray_app_* series)"
 
 # What a user does on any cluster: serve deploy the config; the package is already installed in the cluster's env.
@@ -88,6 +91,22 @@ monitor: up
 	rc=0; $(BIN)/ray-app monitor --labels results/replay-labels.csv \
 	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) --set ray.address=127.0.0.1:$(RAY_PORT) || rc=$$?; \
 	  if [ $$rc -eq 1 ]; then echo "monitor: SLA breach reported (see above and the MLflow 'monitoring' run)"; fi; \
+	  test $$rc -le 1
+
+# A drift to see: clients start sending titles without descriptions. The monitor's window is exactly those requests
+# (--last-n: how many the replay sent); drift in length, vocabulary and embeddings breaches monitor.drift_share.
+drift-demo: up
+	@echo "== drift demo: the champion's test rows again, titles only, through $(SERVE_URL) =="
+	$(BIN)/ray-app replay --url $(SERVE_URL) --shift titles-only --labels-out results/drift-labels.csv \
+	  --results-file results/drift-replay.json --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
+	rc=0; $(BIN)/ray-app monitor --labels results/drift-labels.csv \
+	  --last-n $$($(BIN)/python -c "import json; print(json.load(open('results/drift-replay.json'))['sent'])") \
+	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) --set ray.address=127.0.0.1:$(RAY_PORT) || rc=$$?; \
+	  if [ $$rc -eq 1 ]; then echo "drift-demo: breach reported, as it should be. Look at: the MLflow 'monitoring'" \
+	    "experiment (newest run: tag breach=true, monitoring/drift_report.html), ray_app_drift_share on the" \
+	    "metrics endpoint, and results/monitor-*.json. With --set monitor.on_breach=retrain the same check also" \
+	    "submits the training pipeline as a Ray job."; \
+	  elif [ $$rc -eq 0 ]; then echo "drift-demo: no breach this time; the MLflow run shows each column's drift"; fi; \
 	  test $$rc -le 1
 
 # The DVC pipeline (dvc.yaml) on the head and MLflow server of `make up`; ray-app must be on PATH for its stages.

@@ -237,9 +237,13 @@ def replay(
     settle_s: Annotated[
         float, typer.Option(help="Wait this long at the end: the app writes its log every flush_interval_s (5 s)")
     ] = 6.0,
+    shift: Annotated[
+        str, typer.Option(help="none, or titles-only: send titles without descriptions (a drift to see)")
+    ] = "none",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     results_dir: ResultsOpt = Path("results"),
+    results_file: ResultsFileOpt = None,
 ) -> None:
     """Send the champion's frozen test rows through the served app: a real prediction log and its labels file."""
 
@@ -248,12 +252,12 @@ def replay(
         from ray_app.runtime import secret_from_env
 
         tracking = _connect(cfg, ray=False)
-        result = send(cfg, url, labels_out, secret_from_env(api_key_env), concurrency)
+        result = send(cfg, url, labels_out, secret_from_env(api_key_env), concurrency, shift)
         time.sleep(settle_s)  # so a `ray-app monitor` right after sees every replayed row in the log
         typer.echo(f"replayed {result.sent} rows to {url}: statuses {result.statuses}, accuracy {result.accuracy}")
         return {"tracking_uri": tracking.uri, **result.to_dict()}
 
-    _run("replay", config, set_, results_dir, body)
+    _run("replay", config, set_, results_dir, body, results_file)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from ray_app.buckets import bucket
 from ray_app.config import DataConfig
 from ray_app.csv_read import count_malformed, header, malformed_lines, parse_options
 from ray_app.errors import AppError
+from ray_app.html_report import page
 from ray_app.rows import normalize, validate_batch
 
 log = logging.getLogger("ray_app")
@@ -299,6 +300,22 @@ def dvc_tags(cfg: DataConfig) -> dict[str, str]:
     return tags
 
 
+def report_page(report: DataReport) -> str:
+    """data/report.json as a page: what was read, kept and dropped (with examples), and each split's classes."""
+    kept = pd.DataFrame([{"rows read": report.rows_read, "rows kept": report.rows_valid,
+                          "bad fraction": round(report.bad_fraction, 4), **{f"{k} rows": v for k, v in
+                          report.split_sizes.items()}, "from feedback": report.feedback_rows}])  # fmt: skip
+    bad = pd.DataFrame(sorted(report.bad_rows.items()), columns=["reason", "rows"])
+    classes = pd.DataFrame(report.class_counts).fillna(0).astype(int).rename_axis("label").reset_index()
+    sections: dict[str, pd.DataFrame | str] = {"Rows": kept, "Rows dropped, by reason": bad}
+    sections["Classes per split"] = classes
+    if report.bad_examples:
+        sections["Examples of dropped rows"] = pd.DataFrame(report.bad_examples)
+    intro = (f"{report.path} (digest {report.digest}): every row is checked (id, visible text, length, a label in "
+             "the label set, duplicates, leakage between splits); a bad row is counted here, not a crash.")  # fmt: skip
+    return page("Data report", intro, sections)
+
+
 def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
     """Dataset inputs (digest, source, schema, DVC hash), row counts as metrics, the full report as a JSON artifact;
     the DVC version of the data as run tags when the data lives in a DVC repository."""
@@ -320,5 +337,6 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
         metrics.update({f"data/feedback_bad_{r}": v for r, v in splits.report.feedback_bad.items()})
     mlflow.log_metrics(metrics)
     mlflow.log_dict(splits.report.to_dict(), "data/report.json")
+    mlflow.log_text(report_page(splits.report), "data/report.html")
     mlflow.set_tags({"data_digest": splits.report.digest, **dvc})
     mlflow.log_text(splits.test.to_csv(index=False), "data/test_split.csv")

@@ -47,6 +47,19 @@ class Drift:
     share: float
     detected: bool
 
+    def metrics(self) -> dict[str, float]:
+        """For MLflow, in a `drift/` section. A p-value (statistical tests: low means drift) and a score (distances,
+        the embedding classifier's ROC AUC: high means drift) read opposite ways, so each keeps its own name; a
+        threshold is logged when it is a fixed number (a bootstrapped one is drawn per check)."""
+        out = {"drift/share": self.share, "drift/detected": float(self.detected)}
+        for column, result in self.columns.items():
+            kind = "p_value" if "p_value" in str(result["method"]) else "score"
+            out[f"drift/{column}/{kind}"] = result["score"]
+            out[f"drift/{column}/detected"] = float(result["detected"])
+            if result["threshold"] is not None:
+                out[f"drift/{column}/threshold"] = float(result["threshold"])
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         drifted = sorted(c for c, r in self.columns.items() if r["detected"])
         return {"share": self.share, "detected": self.detected, "drifted_columns": drifted, "columns": self.columns}
@@ -94,7 +107,8 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, text_stored: bool,
     results = _column_results(snapshot.dict())
     if method is not None:  # Evidently reports the embedding score but not its verdict: the same method gives both
         score, detected, name = method(cur[embeddings[EMBEDDING]].copy(), ref[embeddings[EMBEDDING]].copy())
-        results[EMBEDDING] = {"score": float(score), "detected": bool(detected), "method": name, "threshold": None}
+        threshold = None if getattr(method, "bootstrap", None) else getattr(method, "threshold", None)
+        results[EMBEDDING] = {"score": float(score), "detected": bool(detected), "method": name, "threshold": threshold}
     share = sum(r["detected"] for r in results.values()) / len(results)
     return Drift(snapshot, results, round(share, 4), share > mcfg.drift_share)
 

@@ -23,6 +23,7 @@ from sklearn.metrics import (
 from sklearn.pipeline import FeatureUnion, make_pipeline
 
 from ray_app.config import EvaluateConfig
+from ray_app.html_report import page
 from ray_app.metrics import scores
 from ray_app.model import TextClassifier
 from ray_app.text import join_text
@@ -166,6 +167,16 @@ def evaluate(
     return result, artifacts
 
 
+PAGES = {
+    "worst_errors": (
+        "Worst errors",
+        "The rows the fine-tuned model got wrong with the highest confidence, most confident first, with the TF-IDF "
+        "baseline's answer beside each. Confident mistakes are where to look for wrong labels, a missing class cue or "
+        "a class the model confuses.",
+    ),
+}
+
+
 def log_to_mlflow(result: EvalResult, artifacts: dict[str, Any], section: str) -> None:
     """Metrics in one MLflow section (`test/f1_weighted`, `test/baseline/f1_weighted`, `test/class/mlops/f1`, ...) and
     the plots and tables under evaluation/SECTION/."""
@@ -183,25 +194,32 @@ def log_to_mlflow(result: EvalResult, artifacts: dict[str, Any], section: str) -
     for name, item in artifacts.items():
         if isinstance(item, pd.DataFrame):
             mlflow.log_text(item.to_csv(index=False), f"{folder}/{name}.csv")
-            mlflow.log_text(item.to_html(index=False), f"{folder}/{name}.html")
+            title, intro = PAGES.get(name, (name.replace("_", " "), ""))
+            mlflow.log_text(page(f"{title} ({section} rows)", intro, {"": item}), f"{folder}/{name}.html")
         else:
             mlflow.log_figure(item, f"{folder}/{name}")
             plt.close(item)
     mlflow.log_dict(result.to_dict(), f"{folder}/result.json")
 
 
-def plot_learning_curves(history: list[dict[str, float]]):
-    """Loss and val F1 per epoch, the picture that says whether more epochs would help."""
+def plot_learning_curves(history: list[dict[str, float]], best_epoch: int | None = None):
+    """Loss and val F1 per epoch, the picture that says whether more epochs would help; the kept epoch is marked."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
     ax1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
-    ax1.set_xlabel("epoch")
-    ax1.legend()
+    ax1.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
     ax2.plot(epochs, [h["val_f1_weighted"] for h in history], marker="o", label="val F1 (weighted)")
     ax2.plot(epochs, [h["val_f1_macro"] for h in history], marker="o", label="val F1 (macro)")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
+    ax2.set(title="Validation F1", xlabel="epoch", ylabel="F1", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Learning curves")
     fig.tight_layout()
     return fig

@@ -11,6 +11,7 @@ Evidently is imported inside the functions that use it: importing it takes secon
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from dataclasses import dataclass
@@ -128,11 +129,11 @@ def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame) -> A
     from evidently.presets import ClassificationPreset
 
     definition = DataDefinition(
-        classification=[MulticlassClassification(target="target", prediction_labels="prediction")],
-        categorical_columns=["target", "prediction"],
+        classification=[MulticlassClassification(target="label", prediction_labels="predicted")],
+        categorical_columns=["label", "predicted"],
     )
-    cur = pd.DataFrame({"target": labelled["target"].to_numpy(), "prediction": labelled["predicted_label"].to_numpy()})
-    ref = pd.DataFrame({"target": reference["true_label"].to_numpy(), "prediction": reference["label"].to_numpy()})
+    cur = pd.DataFrame({"label": labelled["target"].to_numpy(), "predicted": labelled["predicted_label"].to_numpy()})
+    ref = pd.DataFrame({"label": reference["true_label"].to_numpy(), "predicted": reference["label"].to_numpy()})
     return Report([ClassificationPreset()]).run(
         Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
     )
@@ -142,13 +143,16 @@ def _classification_report(labelled: pd.DataFrame, reference: pd.DataFrame) -> A
 
 
 def _metrics(drift: Drift, feedback: dict[str, Any] | None, window: Window) -> dict[str, float]:
-    metrics = {"drift_share": drift.share, "drift_detected": float(drift.detected), "window_rows": window.info["rows"]}
-    for column, result in drift.columns.items():
-        metrics[f"drift_score.{column}"] = result["score"]
-        metrics[f"drift_detected.{column}"] = float(result["detected"])
+    metrics = {**drift.metrics(), "window/rows": window.info["rows"]}
     if feedback is not None:
-        metrics.update({f"feedback_{k}": feedback[k] for k in ("accuracy", "f1_weighted", "f1_macro", "matched")})
+        metrics.update({f"feedback/{k}": feedback[k] for k in ("accuracy", "f1_weighted", "f1_macro", "matched")})
     return metrics
+
+
+def _headed(report_html: str, heading: str) -> str:
+    """Evidently's page with a first line naming what was compared: opened on its own it does not say."""
+    banner = f'<div style="font:16px system-ui,sans-serif;padding:12px 16px">{html.escape(heading)}</div>'
+    return report_html.replace("<body>", "<body>" + banner, 1)
 
 
 def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None = None) -> dict[str, Any]:
@@ -178,11 +182,20 @@ def check(cfg: AppConfig, tracking_uri: str, model_id: str, labels: Path | None 
     exp = experiment_id(cfg.monitor.experiment, cfg.mlflow.artifact_location)
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{name}-v{version}", tags=tags) as run:
         mlflow.log_metrics(_metrics(drift, feedback, window))
-        mlflow.log_text(drift.snapshot.get_html_str(as_iframe=False), "monitoring/drift_report.html")
+        window_text = f"{window.info['rows']} served rows from {window.info['start']} to {window.info['end']}"
+        heading = (f"Drift of {name} version {version}: {window_text} (routes {', '.join(mcfg.routes)}) against "
+                   f"the version's reference rows. Share of drifted columns {drift.share:.2f}; a breach is above "
+                   f"{mcfg.drift_share}.")  # fmt: skip
+        mlflow.log_text(_headed(drift.snapshot.get_html_str(as_iframe=False), heading), "monitoring/drift_report.html")
         mlflow.log_text(drift.snapshot.json(), "monitoring/drift_report.json")
         if feedback is not None:
             snapshot = feedback.pop("_snapshot")
-            mlflow.log_text(snapshot.get_html_str(as_iframe=False), "monitoring/feedback_report.html")
+            page = _headed(
+                snapshot.get_html_str(as_iframe=False),
+                f"Feedback on {name} version {version}: its answers "
+                f"in {window_text} against the labels users sent back (current) and its reference rows",
+            )
+            mlflow.log_text(page, "monitoring/feedback_report.html")
             mlflow.log_text(snapshot.json(), "monitoring/feedback_report.json")
         if reasons:
             mlflow.set_tag("breach_reasons", "; ".join(reasons))

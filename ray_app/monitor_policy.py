@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env=runtime_env,
+            submission_id=f"retrain-{name}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}",  # named in the Jobs tab
             metadata={"ray_app": "retrain", "model": name, "drifted_version": version},
         )
     except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError

@@ -102,7 +102,8 @@ def run_training(
     backfill_epoch_metrics(tracking.uri, run_id, result.history)
     log_best_epoch(result)
     if result.history:
-        mlflow.log_figure(plot_learning_curves(result.history), "training/learning_curves.png")
+        best_epoch = int(result.best_metrics["epoch"]) if "epoch" in result.best_metrics else None
+        mlflow.log_figure(plot_learning_curves(result.history, best_epoch), "training/learning_curves.png")
     mlflow.log_dict(result.to_dict(), "training/result.json")
     mlflow.set_tag("checkpoint_path", result.checkpoint_path)
     return result

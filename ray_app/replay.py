@@ -63,10 +63,27 @@ def _post(session: requests.Session, url: str, row: dict[str, Any], headers: dic
     return 200, resp.json()["predictions"][0]["label"]
 
 
-def replay(cfg: AppConfig, url: str, labels_out: Path, api_key: str | None, concurrency: int = 4) -> ReplayResult:
+# How replayed traffic may differ from what the version was validated on. `titles-only`: clients that send the title
+# and drop the description, a real shift in text length, vocabulary and embeddings; the drift demo uses it.
+SHIFTS = ("none", "titles-only")
+
+
+def apply_shift(rows: pd.DataFrame, text_columns: list[str], shift: str) -> pd.DataFrame:
+    """The rows as shifted clients would send them (every text column after the first blank for `titles-only`)."""
+    if shift == "none":
+        return rows
+    return rows.assign(**dict.fromkeys(text_columns[1:], ""))
+
+
+def replay(
+    cfg: AppConfig, url: str, labels_out: Path, api_key: str | None, concurrency: int = 4, shift: str = "none"
+) -> ReplayResult:
     """Replay every test row once, `concurrency` at a time, and write `request_id,item,label` for the rows sent."""
+    if shift not in SHIFTS:
+        raise AppError(f"unknown shift {shift!r}; choose one of {', '.join(SHIFTS)}")
     version, rows = champion_rows(cfg)
     columns = cfg.data.text_columns
+    rows = apply_shift(rows, columns, shift)
     run = uuid.uuid4().hex[:8]  # a second replay of the same version must not reuse the first one's request ids
     ids = [f"replay-{version}-{run}-{i}" for i in range(len(rows))]
     bodies = rows[columns].astype(str).to_dict("records")
@@ -76,7 +93,7 @@ def replay(cfg: AppConfig, url: str, labels_out: Path, api_key: str | None, conc
             pool.submit(_post, session, url.rstrip("/"), body, {**base, "x-request-id": rid})
             for rid, body in zip(ids, bodies, strict=True)
         ]
-        answers = [f.result() for f in tqdm(futures, desc="replay", unit="req")]
+        answers = [f.result() for f in tqdm(futures, desc=f"replay ({shift})", unit="req")]
     statuses = Counter(str(status) for status, _ in answers)
     truth = rows["label"].astype(str).tolist()
     labels = pd.DataFrame({"request_id": ids, "item": 0, "label": truth})

@@ -145,3 +145,20 @@ def test_text_problem_judges_each_field() -> None:
     assert text_problem({"title": "ok", "description": None}, 5) is None
     assert text_problem({"title": "ok", "description": "toolong"}, 5) == ("text_too_long", "description")
     assert text_problem({"title": "\u200b", "description": " \n"}, 5) == ("empty_text", None)
+
+
+def test_report_pages_declare_utf8_and_say_what_they_show() -> None:
+    from ray_app.data import DataReport, report_page
+    from ray_app.html_report import page
+
+    table = pd.DataFrame({"text": ["PyTorch – An Example <b>"], "label": ["mlops"]})
+    html = page("Worst errors", "The rows the model got wrong.", {"": table})
+    assert html.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in html
+    assert "<title>Worst errors</title>" in html and "PyTorch – An Example &lt;b&gt;" in html
+    report = DataReport(
+        path="data.csv", rows_read=10, rows_valid=8, bad_rows={"empty_text": 2}, bad_fraction=0.2,
+        split_sizes={"train": 6, "val": 1, "test": 1}, class_counts={"train": {"mlops": 6}, "val": {"mlops": 1}},
+        digest="abc", bad_examples=[{"reason": "empty_text", "id": "3"}],
+    )  # fmt: skip
+    text = report_page(report)
+    assert "<title>Data report</title>" in text and "empty_text" in text and "Classes per split" in text

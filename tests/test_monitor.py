@@ -208,9 +208,11 @@ def test_traffic_like_the_reference_is_not_flagged_and_is_reported(monitored, ra
     run = mlflow.get_run(results["run_id"])
     assert run.data.tags["model_version"] == version and run.data.tags["breach"] == "true"
     assert run.data.tags["window_rows"] == str(len(pool))
-    assert {"drift_share", "drift_score.text_chars", "drift_score.embedding", "feedback_accuracy"} <= set(
-        run.data.metrics
-    )
+    expected = {"drift/share", "drift/text_chars/detected", "drift/embedding/score", "feedback/accuracy"}
+    assert expected <= set(run.data.metrics), sorted(run.data.metrics)
+    assert {"drift/text_chars/p_value", "drift/text_chars/score"} & set(run.data.metrics)
+    page = Path(MlflowClient().download_artifacts(results["run_id"], "monitoring/drift_report.html")).read_text()
+    assert f"Drift of {name} version {version}: {len(pool)} served rows" in page
     files = {f.path for f in MlflowClient().list_artifacts(results["run_id"], "monitoring")}
     assert {"monitoring/drift_report.html", "monitoring/drift_report.json", "monitoring/feedback_report.html"} <= files
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{results['run_id']}/monitoring/drift_report.json"))
@@ -225,9 +227,12 @@ def test_traffic_like_the_reference_is_not_flagged_and_is_reported(monitored, ra
 
 
 @pytest.mark.slow
-def test_shorter_texts_are_flagged_on_the_length_columns_and_the_cli_exits_1(monitored, ray_cluster, tmp_path) -> None:
+def test_titles_without_descriptions_are_a_breach_and_the_cli_exits_1(monitored, ray_cluster, tmp_path) -> None:
+    """The drift demo's shift (`make drift-demo`: `ray-app replay --shift titles-only`), seen by the real check."""
+    from ray_app.replay import apply_shift
+
     m = monitored
-    short = m["pool"].assign(title=m["pool"]["title"].map(lambda t: " ".join(t.split()[:2])), description="")
+    short = apply_shift(m["pool"], m["cfg"].data.text_columns, "titles-only")
     write_log(tmp_path / "log", m, short)
     cfg = m["cfg"]
     proc = subprocess.run(
@@ -245,7 +250,7 @@ def test_shorter_texts_are_flagged_on_the_length_columns_and_the_cli_exits_1(mon
     assert {"text_chars", "text_words"} <= set(results["drift"]["drifted_columns"]), results["drift"]
     assert results["breach"] and results["retrain_job_id"] is None and results["window"]["last_n"] == 500
     run = mlflow.get_run(results["run_id"])
-    assert run.data.tags["breach"] == "true" and run.data.metrics["drift_detected.text_words"] == 1.0
+    assert run.data.tags["breach"] == "true" and run.data.metrics["drift/text_words/detected"] == 1.0
     # The check's process has exited; its verdict is still exported, by the detached gauge actor.
     name, version = cfg.registry.model_name, m["version"]
     detected = lambda: series(ray_cluster["metrics"], "ray_app_drift_detected", name, version) == 1.0  # noqa: E731

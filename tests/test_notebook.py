@@ -87,8 +87,8 @@ def test_walkthrough_runs_end_to_end(mlflow_server, ray_cluster, tiny_model, tmp
 
     monitor = client_.get_run(got["monitor_run"])
     assert client_.get_experiment(monitor.info.experiment_id).name == "walkthrough-monitoring"
-    assert monitor.data.tags["model_version"] == champion and "drift_share" in monitor.data.metrics
-    assert "feedback_accuracy" in monitor.data.metrics
+    assert monitor.data.tags["model_version"] == champion and "drift/share" in monitor.data.metrics
+    assert "feedback/accuracy" in monitor.data.metrics
     artifacts = {a.path for a in client_.list_artifacts(monitor.info.run_id, "monitoring")}
     assert "monitoring/drift_report.html" in artifacts
     data_tags = client_.get_run(got["data_run"]).data.tags

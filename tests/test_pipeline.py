@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -62,6 +63,9 @@ def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
         "evaluation/test/worst_errors.html",
     ):
         assert expected in files, f"{expected} missing from {sorted(files)}"
+    for page in ("evaluation/test/worst_errors.html", "data/report.html"):
+        text = Path(client.download_artifacts(run.info.run_id, page)).read_text(encoding="utf-8")
+        assert '<meta charset="utf-8">' in text and "<title>" in text and "<h1>" in text, page
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val/f1_weighted")]
     assert epochs == list(range(1, cfg.train.epochs + 1))
 

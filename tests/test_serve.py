@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -774,3 +775,64 @@ def test_drill_killing_the_replica_loses_only_its_in_flight_requests(app):
     # the goal is 30 s; a loaded 2-core machine has measured 29 s (a new process, imports, the model's load)
     assert max(recover_s, back_s) <= 60
     wait_until(lambda: ready(app["http"]), 120, "/ready after the drill")
+
+
+# ---- what a user sees, in a real browser (headless Chromium, outside traffic blocked) ------------------------------
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium through chromedriver; every host name but localhost resolves to nothing, so a page that
+    needs a CDN renders blank here as it would on a machine without internet."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's `chromium` and `chromium-driver` (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait_for(driver, css: str, timeout: float = 60):
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(ec.visibility_of_element_located(("css selector", css)))
+
+
+@pytest.mark.slow
+def test_docs_page_renders_offline_and_try_it_out_answers(app, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{app['base']}/docs")
+    assert "ray_app classifier" in _wait_for(browser, ".swagger-ui .info .title").text
+    paths = [e.text for e in browser.find_elements("css selector", ".opblock-summary-path")]
+    assert {"/predict", "/health", "/models"} <= set(paths), paths
+    health = next(e for e in browser.find_elements("css selector", ".opblock") if "/health" in e.text)
+    health.find_element("css selector", ".opblock-summary").click()
+    toggle = _wait_for(browser, ".opblock.is-open .try-out__btn")
+    if "Try it out" in toggle.text:  # the app turns "Try it out" on already (tryItOutEnabled)
+        toggle.click()
+    _wait_for(browser, ".opblock.is-open .btn.execute").click()
+    answer_css = ".opblock.is-open .live-responses-table tbody .response-col_status"
+    WebDriverWait(browser, 30).until(lambda d: any(e.text.strip() for e in d.find_elements("css selector", answer_css)))
+    assert browser.find_element("css selector", answer_css).text.strip().startswith("200")
+
+
+@pytest.mark.slow
+def test_mlflow_run_page_shows_the_run_and_its_metrics(app, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run = app["client"].get_run(app["client"].get_model_version(app["name"], app["v1"]).run_id)
+    browser.get(f"{app['conf']['tracking_uri']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    WebDriverWait(browser, 90).until(lambda d: run.info.run_name in d.find_element("tag name", "body").text)
+    body = browser.find_element("tag name", "body").text
+    assert "test/f1_weighted" in body, body[:2000]
