@@ -20,17 +20,35 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Prepare, train, evaluate, register and promote the projects classifier on Ray + MLflow.",
+    help="Prepare, train, evaluate, register and promote the projects classifier on Ray + MLflow.\n\nExamples: "
+    "ray-app pipeline -c configs/default.yaml; ray-app train -c configs/smoke.yaml -s train.epochs=1",
 )
 log = logging.getLogger("ray_app")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/*.yaml).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override, e.g. train.lr=3e-4.")]
-ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="Where the results JSON goes.")]
-ResultsFileOpt = Annotated[
-    Path | None,
-    typer.Option("--results-file", help="Write the results JSON to exactly this path (a fixed name, e.g. a DVC out)."),
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="YAML config (configs/).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override, repeatable: -s train.lr=3e-4")
 ]
+ResultsOpt = Annotated[Path, typer.Option("--results-dir", metavar="DIR", help="Where the results JSON goes.")]
+ResultsFileOpt = Annotated[
+    Path | None, typer.Option("--results-file", metavar="FILE", help="The results JSON at exactly this path.")
+]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"ray-app {version('ray_app')}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")]
+
+
+@app.callback()
+def _options(version: VersionOpt = False) -> None:
+    """The options before the command."""
 
 
 def _run(
@@ -159,25 +177,10 @@ def evaluate(
     """Evaluate a registered model on the test split or any labelled CSV, beside the TF-IDF baseline."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
-        import mlflow
-
-        from ray_app.data import labelled_rows, prepare
-        from ray_app.evaluate import evaluate as run_eval
-        from ray_app.evaluate import log_to_mlflow
-        from ray_app.registry import load_classifier
+        from ray_app.pipeline import evaluate_model
 
         tracking = _connect(cfg)
-        uri = model or f"models:/{cfg.registry.model_name}@challenger"
-        splits = prepare(cfg.data)  # the training split trains the baseline; its test split is the default rows
-        rows = splits.test if data_file is None else labelled_rows(cfg.data, data_file)
-        try:
-            clf = load_classifier(uri)
-        except mlflow.exceptions.MlflowException as exc:
-            raise AppError(f"model {uri} could not be loaded: {exc.message.splitlines()[0]}") from None
-        with mlflow.start_run(run_name="evaluate", tags={"model_uri": uri}) as run:
-            result, artifacts = run_eval(clf, rows, splits.train, cfg.data.text_columns, cfg.evaluate)
-            log_to_mlflow(result, artifacts, "eval")
-        return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
+        return {"tracking_uri": tracking.uri, **evaluate_model(cfg, model, data_file)}
 
     _run("evaluate", config, set_, results_dir, body, results_file)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,9 +326,13 @@ def log_to_mlflow(splits: Splits, cfg: DataConfig) -> None:
     input_tags = {"data_digest": splits.report.digest}
     if "dvc.data.md5" in dvc:
         input_tags["dvc_md5"] = dvc["dvc.data.md5"]
+    # The path as configured (relative to the repository, with the run's git commit tag): resolved, it would name
+    # a Ray job's temporary copy of the repository.
+    source = cfg.path
     for name, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-        source = cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve())
-        ds = mlflow.data.from_pandas(splits.frame(name), source=source, name=f"projects-{name}", targets="label")
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local source twice, then warns it is ambiguous
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            ds = mlflow.data.from_pandas(splits.frame(name), source=source, name=f"projects-{name}", targets="label")
         mlflow.log_input(ds, context=context, tags=input_tags)
     metrics = {f"data/rows_{n}": v for n, v in splits.report.split_sizes.items()}
     metrics.update({f"data/bad_{r}": v for r, v in splits.report.bad_rows.items()})

@@ -70,8 +70,12 @@ def dvc_version(path: str | None) -> DvcVersion | None:
 def _lookup(root: Path, target: Path) -> DvcVersion | None:
     from dvc.exceptions import OutputNotFoundError
     from dvc.repo import Repo
+    from dvc.scm import SCM
 
-    with Repo(str(root)) as repo:
+    # A Ray job's working dir is an unpacked copy with .dvc/ but no .git: DVC reads dvc.lock and hashes the file
+    # without git, where asking for one fails the lookup (an SCMError in every job's log).
+    in_git = any((p / ".git").exists() for p in (root, *root.parents))
+    with Repo(str(root), scm=None if in_git else SCM(str(root), no_scm=True)) as repo:
         try:  # data added with `dvc add`, or a stage output: its own .dvc file / dvc.lock entry
             out = repo.find_outs_by_path(str(target), strict=False)[0]
         except OutputNotFoundError:

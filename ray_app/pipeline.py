@@ -25,6 +25,7 @@ from ray_app.data import Splits, prepare
 from ray_app.data import log_to_mlflow as log_data
 from ray_app.drills import FailureDrill
 from ray_app.epoch_logger import backfill_epoch_metrics
+from ray_app.errors import AppError
 from ray_app.evaluate import EvalResult, evaluate, plot_learning_curves
 from ray_app.evaluate import log_to_mlflow as log_eval
 from ray_app.model import TextClassifier, resolve_model_path
@@ -55,6 +56,25 @@ class Timer:
             yield
         finally:
             self.durations[name] = round(time.perf_counter() - started, 2)
+
+
+def source_tags() -> dict[str, str]:
+    """The commit the code came from, under MLflow's own tag (the run page shows it as the source version)."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit, "git_commit": commit} if commit != "unknown" else {}
+
+
+def describe(run_id: str, registered: Registered, cfg: AppConfig, splits: Splits, evaluation: EvalResult) -> None:
+    """One paragraph on the run and on the version (MLflow shows it first on both pages): what was trained on what,
+    how it scored on the held-out test rows beside the baseline, and where the other one is."""
+    m, b = evaluation.metrics, evaluation.baseline
+    what = (f"{cfg.model.name_or_path} fine-tuned on {cfg.data.path} ({len(splits.train)} training rows, data digest "
+            f"{splits.report.digest}). Test: weighted F1 {m['f1_weighted']:.3f}, accuracy {m['accuracy']:.3f} on "
+            f"{evaluation.n} held-out rows; the TF-IDF baseline scores {b['f1_weighted']:.3f}.")  # fmt: skip
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "mlflow.note.content", f"{what} Registered as {registered.name} version "
+                   f"{registered.version} (alias challenger until the promotion gate decides).")  # fmt: skip
+    client.update_model_version(registered.name, registered.version, f"{what} Trained in MLflow run {run_id}.")
 
 
 def log_config(cfg: AppConfig) -> None:
@@ -89,7 +109,8 @@ def training_run(cfg: AppConfig, tracking: Tracking, splits: Splits, stage: str)
             yield run.info.run_id, name
         return
     name = f"{stage}-{key}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(run_name=name, tags={RESUME_TAG: key, TRAIN_NAME_TAG: name}) as run:
+    tags = {RESUME_TAG: key, TRAIN_NAME_TAG: name, **source_tags()}
+    with mlflow.start_run(run_name=name, tags=tags) as run:
         log_config(cfg)
         log_data(splits, cfg.data)
         yield run.info.run_id, name
@@ -127,6 +148,25 @@ def evaluate_checkpoint(cfg: AppConfig, splits: Splits, model_dir: str) -> EvalR
     result, artifacts = evaluate(clf, splits.test, splits.train, cfg.data.text_columns, cfg.evaluate)
     log_eval(result, artifacts, "test")
     return result
+
+
+def evaluate_model(cfg: AppConfig, model_uri: str | None, data_file: Path | None) -> dict[str, Any]:
+    """`ray-app evaluate`: a registered version (default: the challenger) on the test split or another labelled CSV,
+    beside the baseline trained on the training split, in its own run."""
+    from ray_app.data import labelled_rows
+    from ray_app.registry import load_classifier
+
+    uri = model_uri or f"models:/{cfg.registry.model_name}@challenger"
+    splits = prepare(cfg.data)  # the training split trains the baseline; its test split is the default rows
+    rows = splits.test if data_file is None else labelled_rows(cfg.data, data_file)
+    try:
+        clf = load_classifier(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise AppError(f"model {uri} could not be loaded: {exc.message.splitlines()[0]}") from None
+    with mlflow.start_run(run_name="evaluate", tags={"model_uri": uri, **source_tags()}) as run:
+        result, artifacts = evaluate(clf, rows, splits.train, cfg.data.text_columns, cfg.evaluate)
+        log_eval(result, artifacts, "eval")
+    return {"run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
 
 
 def register_checkpoint(
@@ -216,7 +256,7 @@ def run_tune(
         log.warning("resuming the interrupted search in run %s", interrupted.info.run_id)
         parent = mlflow.start_run(run_id=interrupted.info.run_id)
     else:
-        tags = {"ray_app.stage": "tune", STUDY_TAG: cfg.tune.study_name}
+        tags = {"ray_app.stage": "tune", STUDY_TAG: cfg.tune.study_name, **source_tags()}
         parent = mlflow.start_run(run_name=f"tune-{cfg.tune.study_name}", tags=tags)
     with parent as run:
         if interrupted is None:
@@ -233,6 +273,7 @@ def run_tune(
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
             registered = register_checkpoint(cfg, splits, checkpoint, run.info.run_id, held_out)
+            describe(run.info.run_id, registered, cfg, splits, evaluation)
     decision = _promote_if(promote_after, cfg, timer)
     results = {
         **_run_summary(tracking, run.info.run_id),
@@ -286,6 +327,7 @@ def run_pipeline(cfg: AppConfig, tracking: Tracking) -> dict[str, Any]:
             evaluation = evaluate_checkpoint(cfg, splits, str(Path(ckpt) / MODEL_SUBDIR))
         with timer.stage("register"):
             registered = register_checkpoint(cfg, splits, trained.checkpoint_path, run_id)
+            describe(run_id, registered, cfg, splits, evaluation)
     decision = _promote_if(cfg.pipeline.promote, cfg, timer)
     results = {
         **_run_summary(tracking, run_id),

@@ -88,12 +88,14 @@ class TrimPadding(NumpyBatchCollateFn):
     """Dynamic padding: rows were padded to max_length in Ray Data; cut every batch to its longest real row."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        mask = batch["attention_mask"]  # Ray's blocks are read-only: slicing + as_tensor copies, no in-place use
+        mask = batch["attention_mask"]
         width = max(int(mask.sum(axis=1).max()), 1)
+        # torch.tensor copies: Ray's blocks are read-only, and sharing their memory (as_tensor, when the dtype already
+        # matches) makes torch warn about a non-writable array on every batch.
         return {
-            "input_ids": torch.as_tensor(batch["input_ids"][:, :width], dtype=torch.long),
-            "attention_mask": torch.as_tensor(mask[:, :width], dtype=torch.long),
-            "labels": torch.as_tensor(batch["labels"], dtype=torch.long),
+            "input_ids": torch.tensor(batch["input_ids"][:, :width], dtype=torch.long),
+            "attention_mask": torch.tensor(mask[:, :width], dtype=torch.long),
+            "labels": torch.tensor(batch["labels"], dtype=torch.long),
         }
 
 
@@ -273,7 +275,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
             state["stopped"] = stop
             metrics["early_stopped"] = float(stop)
             logger.log(metrics, step=epoch)
-            log.warning("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            log.warning("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(Path(tmp), raw_model, tokenizer, optimizer, scheduler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -30,6 +30,14 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
         assert needle in proc.stderr, proc.stderr[-2000:]
 
 
+def test_version_and_help_name_what_to_type() -> None:
+    from importlib.metadata import version
+
+    assert ray_app("--version").stdout.strip() == f"ray-app {version('ray_app')}"
+    helped = ray_app("train", "--help").stdout
+    assert "KEY=VALUE" in helped and "list[str]" not in helped
+
+
 def test_unknown_config_key() -> None:
     assert_clean_error(ray_app("pipeline", "--set", "train.bogus=1"), "train.bogus: unknown key")
 

@@ -119,6 +119,11 @@ def test_dvc_version_of_added_data_and_of_a_stage_dependency(repo: Path, tmp_pat
     assert csv is not None and (csv.md5, csv.status) == (md5(repo / CSV), NEW)
     assert csv.source == "dvc.lock (data, evaluate, train)"
 
+    unpacked = tmp_path / "job-working-dir"  # what `ray job submit --working-dir .` unpacks: no .git
+    shutil.copytree(repo, unpacked, ignore=shutil.ignore_patterns(".git"))
+    in_job = dvc_version(str(unpacked / CSV))
+    assert in_job is not None and (in_job.md5, in_job.source) == (csv.md5, csv.source)
+
     assert dvc_version(str(repo / "README.md")) is None  # in the repo, not tracked
     outside = tmp_path / "outside.csv"
     outside.write_text("id\n1\n")

@@ -47,6 +47,10 @@ def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
         "false",
     }
     assert int(run.data.params["model.param_count"]) > 0
+    assert "Test: weighted F1" in run.data.tags["mlflow.note.content"]
+    version = MlflowClient().get_model_version(cfg.registry.model_name, results["model"]["version"])
+    assert f"Trained in MLflow run {run.info.run_id}" in version.description
+    assert run.data.tags["mlflow.source.git.commit"] == version.tags["git_commit"]
     contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
     assert contexts == {"training", "validation", "test"}
     client = MlflowClient()
