@@ -36,9 +36,9 @@ from ray_app.train import (
     _save_checkpoint,
     build_trainer,
     class_weights,
-    length_bucketed,
     train_step,
 )
+from ray_app.train_batches import length_bucketed
 
 Rows = dict[str, np.ndarray]
 

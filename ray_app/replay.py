@@ -93,7 +93,7 @@ def replay(
             pool.submit(_post, session, url.rstrip("/"), body, {**base, "x-request-id": rid})
             for rid, body in zip(ids, bodies, strict=True)
         ]
-        answers = [f.result() for f in tqdm(futures, desc=f"replay ({shift})", unit="req")]
+        answers = [f.result() for f in tqdm(futures, desc=f"replay ({shift})", unit="req", disable=None)]
     statuses = Counter(str(status) for status, _ in answers)
     truth = rows["label"].astype(str).tolist()
     labels = pd.DataFrame({"request_id": ids, "item": 0, "label": truth})

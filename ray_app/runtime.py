@@ -60,8 +60,20 @@ def _check_server(uri: str) -> None:
     raise AppError(f"MLflow tracking server {uri} answered /health with an error; check its log")
 
 
+def quiet_progress_bars() -> None:
+    """Progress bars only on a terminal: in a job's or a replica's log every redraw is another line (MLflow's
+    artifact downloads, Hugging Face's weight loading). A value already in the environment wins."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported ...
+    if "transformers" in sys.modules:  # ... so a process that has it already is told directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def setup_mlflow(cfg: AppConfig) -> Tracking:
     """Point this process at the tracking server and make sure the experiment exists before workers log to it."""
+    quiet_progress_bars()
     uri = resolve_tracking_uri(cfg)
     _check_server(uri)
     mlflow.set_tracking_uri(uri)

@@ -8,14 +8,12 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ray_app.config import AppConfig, TrainConfig
 from ray_app.data import Splits, tokenize
@@ -31,6 +29,7 @@ from ray_app.resources import (
     start_timeout_error,
     worker_threads,
 )
+from ray_app.train_batches import TrimPadding, length_bucketed
 
 log = logging.getLogger("ray_app")
 SCORE = "val_f1_weighted"
@@ -82,37 +81,6 @@ def class_weights(labels: list[str], train_labels: list[str]) -> list[float]:
     seen = np.array(sorted(set(train_labels)))
     balanced = dict(zip(seen, compute_class_weight("balanced", classes=seen, y=np.array(train_labels)), strict=True))
     return [float(balanced.get(label, 1.0)) for label in labels]
-
-
-class TrimPadding(NumpyBatchCollateFn):
-    """Dynamic padding: rows were padded to max_length in Ray Data; cut every batch to its longest real row."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        mask = batch["attention_mask"]
-        width = max(int(mask.sum(axis=1).max()), 1)
-        # torch.tensor copies: Ray's blocks are read-only, and sharing their memory (as_tensor, when the dtype already
-        # matches) makes torch warn about a non-writable array on every batch.
-        return {
-            "input_ids": torch.tensor(batch["input_ids"][:, :width], dtype=torch.long),
-            "attention_mask": torch.tensor(mask[:, :width], dtype=torch.long),
-            "labels": torch.tensor(batch["labels"], dtype=torch.long),
-        }
-
-
-def length_bucketed(
-    blocks: Iterable[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Each block of several batches' rows is sorted by length, cut into batches and served in random order.
-
-    Rows of similar length share a batch, so trimming pads far less (about 40 % of tokens are padding with random
-    batches on this data), while the shuffle buffer upstream still mixes which rows meet in a block.
-    """
-    collate = TrimPadding()
-    for block in blocks:
-        order = np.argsort(block["attention_mask"].sum(axis=1), kind="stable")
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for j in rng.permutation(len(chunks)):
-            yield collate({k: v[chunks[j]] for k, v in block.items()})
 
 
 def train_step(model, batch, loss_fn, optimizer, scheduler, device: torch.device, autocast) -> float:
@@ -186,6 +154,9 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     import ray.train.torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
+    from ray_app.runtime import quiet_progress_bars
+
+    quiet_progress_bars()
     loop = config["loop"]
     cfg = loop.train
     ctx = ray.train.get_context()
@@ -294,7 +265,8 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
 def _progress(iterable, rank: int, total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=rank != 0, mininterval=5, leave=False)
+    # Rank 0 only, and only on a terminal (None: tqdm's own check); a job's log gets the epoch lines instead.
+    return tqdm(iterable, total=total, desc=desc, disable=True if rank != 0 else None, mininterval=5, leave=False)
 
 
 def _agree_to_stop(stop: bool, world: int, device: torch.device) -> bool:

@@ -13,7 +13,16 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "ray_app"
 STAGES = {"data", "train", "tune", "study", "evaluate", "batch", "batch_inputs", "feedback", "replay", "pipeline"}
 STAGES |= {"monitor", "monitor_policy", "reference", "drift"}
-STAGES |= {"tune_results", "epoch_logger", "canary_report", "cli", "results", "deploy", "config_loader"}
+STAGES |= {
+    "tune_results",
+    "epoch_logger",
+    "train_batches",
+    "canary_report",
+    "cli",
+    "results",
+    "deploy",
+    "config_loader",
+}
 
 
 def _imports() -> dict[str, set[str]]:

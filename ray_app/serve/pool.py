@@ -84,7 +84,9 @@ class ModelPool:
         import torch
         from mlflow.tracking import MlflowClient
 
-        from ray_app.runtime import serve_tracking_uri
+        from ray_app.runtime import quiet_progress_bars, serve_tracking_uri
+
+        quiet_progress_bars()
 
         self.args = args
         torch.set_num_threads(args.torch_threads)
