@@ -15,9 +15,10 @@ PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= token
 
 SERVE_PORT ?= 8000
+PROMETHEUS_PORT ?= 9090
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor drift-demo repro stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor drift-demo prometheus repro stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
@@ -25,6 +26,7 @@ help:
 	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
 	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
 	@echo "make drift-demo - send shifted traffic (titles only) and watch the monitor report the breach"
+	@echo "make prometheus - Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the running head, with the alert rules"
 	@echo "make repro  - dvc repro: the DVC pipeline (dvc.yaml: data, train, register, evaluate) on the running head"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
@@ -65,7 +67,7 @@ run: up
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs; Jobs tab: this pipeline)"
 	@echo "                it asks for a token: paste the output of  $(BIN)/ray get-auth-token"
-	@echo "Metrics:        http://127.0.0.1:8080/metrics  (Prometheus scrape target; ray_app_* series)"
+	@echo "Metrics:        http://127.0.0.1:8080/metrics  (ray_app_* series; \`make prometheus\` scrapes them with the alerts)"
 
 # What a user does on any cluster: serve deploy the config; the package is already installed in the cluster's env.
 serve: up
@@ -108,6 +110,11 @@ drift-demo: up
 	    "submits the training pipeline as a Ray job."; \
 	  elif [ $$rc -eq 0 ]; then echo "drift-demo: no breach this time; the MLflow run shows each column's drift"; fi; \
 	  test $$rc -le 1
+
+# Prometheus (Debian's package) against the running head: its service-discovery file in this head's temp dir, the
+# alert rules of monitoring/prometheus/; recorded in the services state, so `make stop` stops it.
+prometheus: up
+	$(BIN)/python -m ray_app.local prometheus --state $(STATE) --root $(RUN_DIR) --prometheus-port $(PROMETHEUS_PORT)
 
 # The DVC pipeline (dvc.yaml) on the head and MLflow server of `make up`; ray-app must be on PATH for its stages.
 # Another config: set `config:` in params.yaml, or `dvc exp run -S config=configs/smoke.yaml`.

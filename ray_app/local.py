@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ class Services:
     mlflow_pid: int
     ray_pids: list[int]
     metrics_url: str = ""
+    prometheus_url: str = ""
+    prometheus_pid: int = 0
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -269,6 +272,46 @@ def up(
     return services
 
 
+def prometheus_config(shipped: Path, ray_temp_dir: str) -> dict:
+    """The shipped prometheus.yml for this head: its service-discovery file is in the head's own temp dir (not Ray's
+    default /tmp/ray), and the rules are named by absolute path."""
+    import yaml
+
+    config = yaml.safe_load(shipped.read_text())
+    config["rule_files"] = [str((shipped.parent / f).resolve()) for f in config["rule_files"]]
+    sd = f"{ray_temp_dir}/session_latest/prom_metrics_service_discovery.json"
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [sd]
+    return config
+
+
+def start_prometheus(state_file: Path, root: Path, port: int, shipped: Path) -> str:
+    """Prometheus against the running head (`make prometheus`), on 127.0.0.1:PORT with its data under ROOT;
+    recorded in the services state so `make stop` stops it too."""
+    import yaml
+
+    state = Services(**json.loads(state_file.read_text()))
+    if state.prometheus_pid and _alive(state.prometheus_pid):
+        return state.prometheus_url
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise SystemExit("`prometheus` is not installed: `apt-get install -y prometheus` (Debian) ships it")
+    if port_open(port):
+        raise SystemExit(f"port {port} is already in use; choose another with PROMETHEUS_PORT")
+    workdir = (root / "prometheus").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(shipped, state.ray_temp_dir)))
+    with (workdir / "prometheus.log").open("ab") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    state.prometheus_url, state.prometheus_pid = f"http://127.0.0.1:{port}", process.pid
+    wait_http(f"{state.prometheus_url}/-/ready", 60)
+    state_file.write_text(json.dumps(asdict(state), indent=2))
+    return state.prometheus_url
+
+
 def down(state_file: Path) -> None:
     if not state_file.exists():
         print("nothing to stop")
@@ -280,6 +323,8 @@ def down(state_file: Path) -> None:
         timeout=60,
         check=False,
     )
+    if state.prometheus_pid:
+        stop_pids([state.prometheus_pid])
     stop_ray_head(Path(state.ray_temp_dir), state.ray_pids)
     stop_mlflow(state.mlflow_pid, Path(state.mlflow_dir))
     state_file.unlink()
@@ -288,7 +333,9 @@ def down(state_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("action", choices=["up", "down", "wait"])
+    parser.add_argument("action", choices=["up", "down", "wait", "prometheus"])
+    parser.add_argument("--prometheus-port", type=int, default=9090)
+    parser.add_argument("--prometheus-config", type=Path, default=Path("monitoring/prometheus/prometheus.yml"))
     parser.add_argument("--url", help="wait: the URL that must answer 200")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--state", type=Path, default=Path(".run/services.json"))
@@ -310,6 +357,9 @@ def main() -> None:
             args.metrics_port,
         )
         print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}, metrics {s.metrics_url}")
+    elif args.action == "prometheus":
+        url = start_prometheus(args.state, args.root, args.prometheus_port, args.prometheus_config)
+        print(f"Prometheus {url} (targets: {url}/targets, alerts: {url}/alerts); `make stop` stops it")
     elif args.action == "wait":
         wait_http(args.url, args.timeout)
         print(f"{args.url} is up")

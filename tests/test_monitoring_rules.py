@@ -30,6 +30,13 @@ from tests.prom import (
 )
 
 ALERTS = ["RayAppLatencyP99High", "RayAppErrorRateHigh", "RayAppAccuracyLow", "RayAppDataDrift"]
+# Health of the monitoring and of Serve: quiet while all is well (the example exporter is), so their expressions
+# find nothing; the series each one reads must exist, or it could never fire.
+HEALTH = {
+    "RayAppNoMetricsTargets": 'up{job="ray"}',
+    "RayAppMetricsTargetDown": 'up{job="ray"}',
+    "RayAppNoHealthyReplica": "ray_serve_deployment_replica_healthy",
+}
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +50,7 @@ def test_rules_pass_promtool_check():
     out = promtool("check", "rules", str(RULES))
     assert out.returncode == 0, out.stdout + out.stderr
     rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
-    assert sorted(r["alert"] for r in rules if "alert" in r) == sorted(ALERTS)
+    assert sorted(r["alert"] for r in rules if "alert" in r) == sorted([*ALERTS, *HEALTH])
 
 
 def test_rules_unit_tests_pass():
@@ -55,7 +62,7 @@ def test_rules_unit_tests_pass():
 def test_unit_tests_cover_each_sla_firing_and_not_firing():
     tests = yaml.safe_load((PROM_DIR / "alerts_test.yml").read_text())["tests"]
     cases = [case for t in tests for case in t.get("alert_rule_test", [])]
-    for alert in ALERTS:
+    for alert in [*ALERTS, *HEALTH]:
         mine = [c for c in cases if c["alertname"] == alert]
         assert any(c["exp_alerts"] for c in mine), f"no case where {alert} fires"
         assert any(not c["exp_alerts"] for c in mine), f"no case where {alert} stays quiet"
@@ -136,7 +143,9 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 def rule_exprs() -> list[tuple[str, str]]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
-    return [(r.get("record") or r["alert"], r["expr"]) for g in groups for r in g["rules"]]
+    return [
+        (r.get("record") or r["alert"], r["expr"]) for g in groups for r in g["rules"] if r.get("alert") not in HEALTH
+    ]
 
 
 # Series shaped like Ray's export of the app's metrics: `ray_` prefix, the app's tags, and Ray's own labels.
@@ -206,6 +215,8 @@ class RayShapedSeries:
             put("drift_detected", float(drift > 0.2), **gauges)
         histogram("model_load_ms", lambda le: 1.0 if le >= 500 else 0.0, 2 + n, application="classifier")
         put("canary_taken_out_total", 1, application="classifier", deployment="Classifier", replica="a")
+        # Serve's own gauge (its count of healthy replicas), under Ray's prefix like every series here
+        out.append('ray_serve_deployment_replica_healthy{application="classifier",deployment="Classifier"} 2')
         return "\n".join(out) + "\n"
 
 
@@ -254,6 +265,15 @@ def test_rule_expression_runs_and_finds_series(prom, name, expr):
     assert series(prom, expr), f"{name}: no series for {expr}"
 
 
+@pytest.mark.parametrize("alert", sorted(HEALTH))
+def test_health_alert_reads_real_series_and_is_quiet_while_healthy(prom, alert):
+    assert series(prom, HEALTH[alert]), f"{alert} reads {HEALTH[alert]}, which has no series"
+    expr = next(
+        r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if r.get("alert") == alert
+    )
+    assert prom.query(expr) == [], f"{alert} would fire on a healthy exporter"
+
+
 def series(prom: Prometheus, query: str, timeout: float = 15) -> list[dict]:
     """The query's result: a PromQL error fails at once; an empty result is asked again for a while, because
     Prometheus marks every series of a target stale when one scrape fails (a 1 s scrape on a busy machine)."""
@@ -287,3 +307,31 @@ def test_rules_evaluate_cleanly_and_alert_on_the_breaching_version_only(prom):
     assert p99["1"] < 20 < 100 < p99["2"] <= 250
     errors = prom.values("model_version:ray_app_request_error_ratio:rate5m")
     assert errors["1"] == 0 and errors["2"] == pytest.approx(2 / 24)
+
+
+@pytest.mark.slow
+def test_make_prometheus_scrapes_the_running_head_and_make_stop_stops_it(ray_cluster, tmp_path):
+    """`make prometheus` (ray_app.local.start_prometheus) on a head started like `make run`'s: its target is found
+    through the head's own service-discovery file, and the pid recorded in the services state is what `down` stops."""
+    import httpx
+
+    from ray_app.local import Services, start_prometheus, stop_pids
+
+    need("prometheus")
+    state_file = tmp_path / "services.json"
+    state_file.write_text(json.dumps(Services("", "", "", ray_cluster["temp_dir"], "", 0, []).__dict__))
+    url = start_prometheus(state_file, tmp_path, free_port(), PROM_DIR / "prometheus.yml")
+    pid = json.loads(state_file.read_text())["prometheus_pid"]
+    port = ray_cluster["metrics"].removesuffix("/metrics").rsplit(":", 1)[1]  # Ray lists it at the node's own IP
+
+    def head_is_up() -> bool:
+        targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return any(t["health"] == "up" and t["labels"]["instance"].endswith(f":{port}") for t in targets)
+
+    try:
+        wait_for(head_is_up, 120, "the head's metrics endpoint as an up target")
+        assert start_prometheus(state_file, tmp_path, free_port(), PROM_DIR / "prometheus.yml") == url  # reused
+    finally:
+        stop_pids([pid])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/-/ready", timeout=2)
