@@ -146,21 +146,14 @@ def register(
     """Log a training checkpoint as an MLflow model and register it as `challenger`."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
-        import mlflow
-
-        from ray_app.data import prepare
-        from ray_app.pipeline import register_checkpoint
+        from ray_app.pipeline import register_trained
 
         ckpt, rid = checkpoint, run_id
         if ckpt is None or rid is None:
             latest = read_train_results(train_results) if train_results else latest_train_results(results_dir)
-            ckpt = ckpt or latest["train"]["checkpoint_path"]
-            rid = rid or latest["run_id"]
+            ckpt, rid = ckpt or latest["train"]["checkpoint_path"], rid or latest["run_id"]
         tracking = _connect(cfg)
-        splits = prepare(cfg.data)
-        with mlflow.start_run(run_id=rid):
-            registered = register_checkpoint(cfg, splits, ckpt, rid)
-        return {"tracking_uri": tracking.uri, "model": registered.to_dict()}
+        return {"tracking_uri": tracking.uri, "model": register_trained(cfg, ckpt, rid).to_dict()}
 
     _run("register", config, set_, results_dir, body, results_file)
 

@@ -169,6 +169,13 @@ def evaluate_model(cfg: AppConfig, model_uri: str | None, data_file: Path | None
     return {"run_id": run.info.run_id, "model_uri": uri, **result.to_dict()}
 
 
+def register_trained(cfg: AppConfig, checkpoint_path: str, run_id: str) -> Registered:
+    """`ray-app register`: a checkpoint of an earlier `ray-app train`, logged into that training run and registered."""
+    splits = prepare(cfg.data)
+    with mlflow.start_run(run_id=run_id):
+        return register_checkpoint(cfg, splits, checkpoint_path, run_id)
+
+
 def register_checkpoint(
     cfg: AppConfig, splits: Splits, checkpoint_path: str, run_id: str, held_out: tuple[str, ...] = ("val", "test")
 ) -> Registered:
