@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import evidently  # noqa: F401 - see below
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -36,6 +37,10 @@ from ray_app.runtime import experiment_id
 if TYPE_CHECKING:
     from ray_app.model import TextClassifier
 
+# Evidently is imported here, when the check's module is, not first inside it: its import chain (litestar) builds
+# ASTs, and on CPython 3.11 before 3.11.9 the AST constructor's recursion counter is shared between threads
+# (gh-106905), so a first import after Ray's threads started can fail with "AST constructor recursion depth
+# mismatch" (seen once in CI). `ray-app monitor` imports this module before it connects to Ray.
 log = logging.getLogger("ray_app")
 
 

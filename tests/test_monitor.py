@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray_app.errors import AppError
 from ray_app.feedback import read_labels
 from ray_app.model import load_tokenizer
+from ray_app.monitor import check  # at collection: Evidently imported before any thread (ray_app/monitor.py)
 from ray_app.prediction_log import read_log
 from ray_app.reference import wordpiece_share
 from ray_app.registry import load_classifier
@@ -185,8 +186,6 @@ def with_monitor(cfg, **changes):
 
 @pytest.mark.slow
 def test_traffic_like_the_reference_is_not_flagged_and_is_reported(monitored, ray_cluster, tmp_path) -> None:
-    from ray_app.monitor import check
-
     m, pool = monitored, monitored["pool"]
     ids = write_log(tmp_path / "log", m, pool)
     labels = tmp_path / "labels.csv"
@@ -264,8 +263,6 @@ def _get(cfg, dotted: str):
 
 @pytest.mark.slow
 def test_log_without_text_compares_lengths_labels_and_confidence(monitored, tmp_path) -> None:
-    from ray_app.monitor import check
-
     m = monitored
     write_log(tmp_path / "log", m, m["pool"], store_text=False)
     cfg = with_monitor(m["cfg"], log_uri=str(tmp_path / "log"))
@@ -276,8 +273,6 @@ def test_log_without_text_compares_lengths_labels_and_confidence(monitored, tmp_
 
 @pytest.mark.slow
 def test_bad_input_gets_one_clear_error(monitored, tiny_model, tmp_path) -> None:
-    from ray_app.monitor import check
-
     m = monitored
     cfg, name, version = m["cfg"], m["cfg"].registry.model_name, m["version"]
     write_log(tmp_path / "log", m, m["pool"].head(10))
@@ -338,7 +333,6 @@ def test_retrain_policy_submits_the_pipeline_as_a_ray_job(feedback_added, monito
     Ray job; the job trains with the feedback store and registers a new challenger."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from ray_app.monitor import check
     from ray_app.registry import aliases
 
     cfg, m = feedback_added[0], monitored
