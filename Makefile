@@ -51,7 +51,8 @@ tiny-model: artifacts/tiny-bert/config.json
 
 up: venv
 	$(BIN)/python -m ray_app.local up --state $(STATE) --root $(RUN_DIR) \
-	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT)
+	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT) \
+	  --prometheus-port $(PROMETHEUS_PORT)
 
 run: up
 	@echo "== submitting the pipeline ($(CONFIG)) to the Ray head; logs stream below =="

@@ -62,8 +62,11 @@ def _run(
 ) -> None:
     """Shared edges: config (file, --set, then the command's own flags as typed `updates`), logging, error handling
     and the results file."""
+    from ray_app.runtime import quiet_ray_data_console
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    quiet_ray_data_console()
     started = time.perf_counter()
     try:
         cfg = load_config(config, overrides, updates)

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ray_app import RAY_DATA_LOGGING
 from ray_app.ports import MAKE_RUN_PORTS, ServePorts, free_port, free_serve_ports, port_open, serve_fast_path
 from ray_app.registry_auth import AUTH_APP, Credentials, server_env
 
@@ -158,7 +159,8 @@ def start_ray_head(
     # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
     # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
     own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    full_env = {**serve_fast_path(serve_ports or free_serve_ports()), **os.environ, **own, **(env or {})}
+    defaults = {**serve_fast_path(serve_ports or free_serve_ports()), "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+    full_env = {**defaults, **os.environ, **own, **(env or {})}
     ensure_auth_token(full_env)
     try:
         subprocess.run(cmd, check=True, capture_output=True, env=full_env, timeout=120)
@@ -241,8 +243,10 @@ def up(
     mlflow_port: int,
     num_cpus: int,
     metrics_port: int = 8080,
+    prometheus_port: int = 9090,
 ) -> Services:
-    """Start what is not already running; a second `make run` reuses the first one's services."""
+    """Start what is not already running; a second `make run` reuses the first one's services. The head's dashboard
+    is told where `make prometheus` will listen (RAY_PROMETHEUS_HOST), for its own Prometheus-backed views."""
     if state_file.exists():
         state = Services(**json.loads(state_file.read_text()))
         if port_open(int(state.ray_address.rsplit(":", 1)[1])) and port_open(int(state.mlflow_url.rsplit(":", 1)[1])):
@@ -255,7 +259,13 @@ def up(
     mlflow_pid = start_mlflow(root / "mlflow", mlflow_port)
     temp_dir = Path(os.environ.get("RAY_APP_RAY_TMP", f"/tmp/ray_app-{os.getuid()}-{ray_port}"))
     address, dashboard, pids = start_ray_head(
-        temp_dir, ray_port, dashboard_port, num_cpus, metrics_port=metrics_port, serve_ports=MAKE_RUN_PORTS
+        temp_dir,
+        ray_port,
+        dashboard_port,
+        num_cpus,
+        env={"RAY_PROMETHEUS_HOST": os.environ.get("RAY_PROMETHEUS_HOST", f"http://127.0.0.1:{prometheus_port}")},
+        metrics_port=metrics_port,
+        serve_ports=MAKE_RUN_PORTS,
     )
     services = Services(
         address,
@@ -355,6 +365,7 @@ def main() -> None:
             args.mlflow_port,
             args.num_cpus,
             args.metrics_port,
+            args.prometheus_port,
         )
         print(f"Ray head {s.ray_address}, dashboard {s.dashboard_url}, MLflow {s.mlflow_url}, metrics {s.metrics_url}")
     elif args.action == "prometheus":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from ray_app.errors import AppError
 from ray_app.text import join_text
 
 BUNDLED_PREFIX = "bundled:"
+HEAD_PREFIX = "classifier."  # the sequence-classification head that fine-tuning creates fresh
+
+log = logging.getLogger("ray_app")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -70,18 +75,39 @@ def load_for_training(
     `num_layers` encoder layers."""
     path = resolve_model_path(name_or_path)
     extra = {"classifier_dropout": dropout} if dropout is not None else {}
+    verbosity = transformers_logging.get_verbosity()
+    # transformers reports a fresh head as a WARNING table on every load; it is what fine-tuning expects, so the
+    # report is read here instead and only keys outside the head are worth a warning
+    transformers_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             ignore_mismatched_sizes=True,
+            output_loading_info=True,
             **extra,
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, exc) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if surprises := unexpected_load_keys(info):
+        log.warning("loading %s: %s", name_or_path, surprises)
     return keep_layers(model, num_layers) if num_layers is not None else model
+
+
+def unexpected_load_keys(info: dict) -> str:
+    """What a load report holds beyond the new classification head ('' when nothing): missing encoder weights
+    mean the checkpoint is not the encoder the config names."""
+    parts = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or ())
+        keys = [k for k in keys if not (kind != "unexpected_keys" and k.startswith(HEAD_PREFIX))]
+        if keys:
+            parts.append(f"{kind.replace('_', ' ')} {keys[:5]}{' ...' if len(keys) > 5 else ''}")
+    return "; ".join(parts)
 
 
 def keep_layers(model: PreTrainedModel, n: int) -> PreTrainedModel:

@@ -27,6 +27,7 @@ from ray_app.metrics import scores
 log = logging.getLogger("ray_app")
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 TEST_SPLIT_ARTIFACT = "data/test_split.csv"
+MODEL_CODE = Path(ray_app.__file__).with_name("pyfunc_entry.py")  # what MLflow runs to load a version
 _PINNED = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy", "safetensors")
 
 
@@ -66,13 +67,12 @@ def pinned_requirements() -> list[str]:
 def log_model(cfg: AppConfig, model_dir: str, example: pd.DataFrame) -> str:
     """Log the fine-tuned model, tokenizer and label map as a pyfunc model into the active run; returns its URI."""
     from ray_app.model import TextClassifier
-    from ray_app.pyfunc import ClassifierModel
 
     inputs = example[cfg.data.text_columns].head(3).reset_index(drop=True)
     outputs = TextClassifier.load(model_dir, cfg.data.max_length).predict_frame(inputs, cfg.data.text_columns)
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=ClassifierModel(),
+        python_model=str(MODEL_CODE),  # models from code: loading runs the file, nothing is unpickled
         artifacts={"model_dir": model_dir},
         code_paths=[str(Path(ray_app.__file__).parent)],
         signature=infer_signature(inputs, outputs),
@@ -93,7 +93,7 @@ def register(cfg: AppConfig, model_uri: str, run_id: str, tags: dict[str, str]) 
         client.create_registered_model(name, description="Tags ML projects: NLP, computer vision, MLOps or other.")
     mv = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    log.warning("registered %s version %s as %s", name, mv.version, CHALLENGER)
+    log.info("registered %s version %s as %s", name, mv.version, CHALLENGER)
     return Registered(name, str(mv.version), f"models:/{name}/{mv.version}", run_id, [CHALLENGER])
 
 
@@ -152,7 +152,7 @@ def frozen_test_rows(client: MlflowClient, name: str, version: str) -> pd.DataFr
 
 def score_version(name: str, version: str, rows: pd.DataFrame, metric: str) -> float:
     model = load_pyfunc(f"models:/{name}/{version}")
-    predicted = model.predict(rows)
+    predicted = model.predict(rows[model.metadata.get_input_schema().input_names()])
     return scores(list(rows["label"]), list(predicted["label"]))[metric]
 
 
@@ -196,7 +196,7 @@ def promote(cfg: RegistryConfig) -> GateDecision:
             client.set_registered_model_alias(name, PREVIOUS, champion)
         client.set_registered_model_alias(name, CHAMPION, challenger)
     client.set_model_version_tag(name, challenger, "gate", f"{'promoted' if promoted else 'held'}: {reason}")
-    log.warning("promotion gate: %s", reason)
+    log.info("promotion gate: %s: %s", "promoted" if promoted else "held", reason)
     return GateDecision(
         promoted,
         reason,
@@ -222,7 +222,7 @@ def rollback(cfg: RegistryConfig) -> dict[str, Any]:
     client.delete_registered_model_alias(name, PREVIOUS)
     if champion:
         client.set_model_version_tag(name, champion, "rolled_back", "true")
-    log.warning("rolled back %s: champion %s -> %s", name, champion, previous)
+    log.info("rolled back %s: champion %s -> %s", name, champion, previous)
     return {"model": name, "champion_before": champion, "champion_after": previous}
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.entities import Experiment
 
+from ray_app import RAY_DATA_LOGGING
 from ray_app.config import AppConfig
 from ray_app.errors import AppError
 
@@ -71,6 +72,12 @@ def quiet_progress_bars() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's per-dataset INFO lines (plans, progress) to its log file only, in this process and the workers it
+    starts; read when ray.data is first imported, so call it before that. A value already set wins."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+
+
 def setup_mlflow(cfg: AppConfig) -> Tracking:
     """Point this process at the tracking server and make sure the experiment exists before workers log to it."""
     quiet_progress_bars()
@@ -108,7 +115,6 @@ def experiment_id(name: str, artifact_location: str | None = None) -> str:
 def connect_ray(cfg: AppConfig) -> None:
     """Join the configured cluster, the one a Ray job runs in, or start a local instance sized by config."""
     import ray
-    from ray.data import DataContext
 
     if ray.is_initialized():
         return
@@ -117,7 +123,7 @@ def connect_ray(cfg: AppConfig) -> None:
     try:
         if address:
             ray.init(address=address, **logging_kwargs)
-        else:
+        else:  # a local instance: its workers inherit quiet_ray_data_console's setting
             ray.init(num_cpus=cfg.ray.num_cpus, **logging_kwargs)
     except ConnectionError as exc:
         hint = (
@@ -129,9 +135,6 @@ def connect_ray(cfg: AppConfig) -> None:
             f"cannot connect to Ray at {address!r} ({exc}){hint}; start a head with `make up` "
             "or set ray.address to a running cluster"
         ) from None
-    ctx = DataContext.get_current()
-    if not sys.stderr.isatty():  # job logs and CI: one concise progress line instead of a bar per operator
-        ctx.enable_operator_progress_bars = False
 
 
 def git_commit() -> str:

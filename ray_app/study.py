@@ -126,7 +126,7 @@ def warm_start(study: optuna.Study, source: optuna.Study, tc: TuneConfig, distri
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=t.values,
                                                   user_attrs=attrs))  # fmt: skip
         copied += 1
-    log.warning("warm start: copied %d finished trials of %s into %s", copied, source.study_name, study.study_name)
+    log.info("warm start: copied %d finished trials of %s into %s", copied, source.study_name, study.study_name)
     return copied
 
 

@@ -148,6 +148,17 @@ def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, st
     (directory / HISTORY_FILE).write_text(json.dumps(state["history"]))
 
 
+def _quiet_report_lines() -> None:
+    """Ray 2.60 logs every `ray.train.report` (the whole metrics dict and checkpoint path) at INFO on a logger named
+    by its file path (`logging.getLogger(__file__)` in ray.train.v2's execution context), which RunConfig's
+    LoggingConfig does not reach; the epoch line above says the same in one line."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` when Ray hands one back."""
     import ray.train
@@ -157,6 +168,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     from ray_app.runtime import quiet_progress_bars
 
     quiet_progress_bars()
+    _quiet_report_lines()
     loop = config["loop"]
     cfg = loop.train
     ctx = ray.train.get_context()
@@ -290,14 +302,14 @@ def build_trainer(
 ):
     """A TorchTrainer sized from config: workers x CPUs (or GPUs), checkpoints kept by val F1, retries; with
     `measure_latency`, every epoch also reports `latency_p50_ms` (a search's cost objective)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
     model_path = resolve_model_path(cfg.model.name_or_path)
     datasets = tokenize(splits, model_path, cfg.data.max_length, cpus=cfg.data.cpus_per_task)
     for ds in datasets.values():  # the loop shows its own per-epoch bar; Ray Data's would repeat it per worker
-        ds.context.enable_progress_bars = False
+        ds.context.use_ray_tqdm = False  # a worker's progress then goes to Ray Data's log, not the job's console
     say_if_waiting(tc)
     # Ray Train's only knob for how long a worker group may wait for its resources; it passes it on to its
     # controller. One timeout and no controller retries: a busy cluster fails after start_timeout_s, not never.
@@ -332,6 +344,9 @@ def build_trainer(
             ),
             failure_config=FailureConfig(max_failures=tc.max_failures, controller_failure_limit=0),
             callbacks=callbacks,
+            # Ray Train's per-report INFO lines (checkpoint paths, report dicts) stay in its session log files;
+            # the job's console keeps the loop's one line per epoch and Ray Train's warnings
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -236,11 +236,11 @@ def run_search(cfg: AppConfig, tracking: Tracking, splits: Splits, drill: Failur
     )  # fmt: skip
     restored = tune.Tuner.can_restore(path)
     if restored:
-        log.warning("restoring the interrupted Tune experiment %s", path)
+        log.info("restoring the interrupted Tune experiment %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         queued = enqueue_first_points(study, cfg)
-        log.warning("study %s: %d trials so far; first points queued: %s", tc.study_name, trials_before, queued)
+        log.info("study %s: %d trials so far; first points queued: %s", tc.study_name, trials_before, queued)
         tuner = _new_tuner(cfg, trainable, storage, parent, trials_before, path)
     grid = tuner.fit()
     fail_orphans(study, parent)
@@ -323,7 +323,7 @@ def _choose_from_front(study: optuna.Study, tc: TuneConfig) -> dict[str, Any]:
     pick = select_from_front(usable, tc)
     rule = (f"among Pareto-optimal trials with {tc.metric} within {tc.select.within} of the best, "
             + (f"the best {tc.select.prefer}" if tc.select.prefer else f"the best {tc.metric}"))  # fmt: skip
-    log.warning("Pareto front: %d trials; selected trial %s (%s)", len(front), pick["number"], rule)
+    log.info("Pareto front: %d trials; selected trial %s (%s)", len(front), pick["number"], rule)
     return {
         "best_trial_id": str(pick["tune_trial_id"]),
         "best_params": pick["params"],

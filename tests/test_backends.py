@@ -3,6 +3,7 @@ directions, and a version's verdict and export are made once, stored with it in 
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ray_app.backends import export_onnx, for_version, judge, onnx_classifier
-from ray_app.model import TextClassifier, load_for_training, load_tokenizer, quantize_int8
+from ray_app.model import TextClassifier, load_for_training, load_tokenizer, quantize_int8, unexpected_load_keys
 from tests.conftest import smoke_config
 from tests.serving import EXAMPLE, register_version
 
@@ -76,3 +77,18 @@ def test_a_versions_verdict_and_export_are_made_once_then_read(
     other = for_version(client, name, version, fp32, "onnx-fp32", cols, max_drop=-1.0, threads=1)
     assert other.computed and other.backend == "fp32" and not other.verdict.accepted  # refused: serve fp32
     assert client.get_model_version(name, version).tags["ray_app.backend.onnx-fp32.verdict"] == "refused"
+
+
+def test_a_fresh_head_loads_quietly_and_anything_else_missing_is_named(tiny_model, caplog) -> None:
+    """Fine-tuning always starts a new classification head: not worth transformers' WARNING table on every load.
+    Weights missing outside the head mean the checkpoint is not the encoder the config names: that is a warning."""
+    with caplog.at_level(logging.INFO, logger="ray_app"):
+        load_for_training(str(tiny_model), LABELS)
+    assert not [r for r in caplog.records if r.name == "ray_app"]
+    info = {
+        "missing_keys": {"classifier.weight", "bert.encoder.layer.0.output.dense.weight"},
+        "unexpected_keys": set(),
+        "mismatched_keys": {("classifier.bias", (2,), (4,))},
+    }
+    assert unexpected_load_keys(info) == "missing keys ['bert.encoder.layer.0.output.dense.weight']"
+    assert unexpected_load_keys({"missing_keys": {"classifier.bias"}, "mismatched_keys": set()}) == ""

@@ -122,6 +122,21 @@ def test_dashboard_is_importable_grafana_json():
         assert shown in titles
 
 
+def test_grafana_provisioning_points_at_the_dashboard_and_a_prometheus():
+    """The provisioning files Grafana reads from GF_PATHS_PROVISIONING: a Prometheus data source of the type the
+    dashboard's data-source variable asks for, and a file provider whose path holds the dashboard."""
+    root = DASHBOARD.parent / "provisioning"
+    sources = yaml.safe_load((root / "datasources" / "ray_app.yml").read_text())
+    providers = yaml.safe_load((root / "dashboards" / "ray_app.yml").read_text())
+    assert sources["apiVersion"] == providers["apiVersion"] == 1
+    (source,) = sources["datasources"]
+    ds_var = next(v for v in dashboard()["templating"]["list"] if v["name"] == "DS_PROMETHEUS")
+    assert source["type"] == ds_var["query"] and source["url"] == "${PROMETHEUS_URL}"
+    paths = {p["name"]: p["options"]["path"] for p in providers["providers"]}
+    assert paths["ray_app"] == "${RAY_APP_DASHBOARDS}"  # documented as monitoring/grafana, where the JSON is
+    assert paths["ray"].endswith("/metrics/grafana/dashboards")
+
+
 # ---- every expression on a real Prometheus ------------------------------------------------------------------------
 
 # What Grafana puts in place of its variables: `version` is multi-value, which Grafana formats as a regex group.
