@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         ("confidence", pa.float32()),
         ("probabilities", pa.string()),
         ("latency_ms", pa.float32()),
+        ("cached", pa.bool_()),  # answered from the prediction cache (null in files from before it, and on errors)
     ]
 )
 PREFIX = "predictions-"

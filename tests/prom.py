@@ -30,13 +30,11 @@ DASHBOARD = ROOT / "monitoring" / "grafana" / "ray_app_dashboard.json"
 RAY_SD_FILE = "prom_metrics_service_discovery.json"
 
 
-def need(binary: str) -> str:
+def need(binary: str, package: str = "prometheus") -> str:
     """The binary's path, or skip: CI installs it (.ci/run), a developer's machine may not have it."""
     path = shutil.which(binary)
     if path is None:
-        pytest.skip(
-            f"`{binary}` is not installed: `apt-get install -y prometheus` (Debian) ships it; .ci/run does this"
-        )
+        pytest.skip(f"`{binary}` is not installed: `apt-get install -y {package}` (Debian) ships it; .ci/run does this")
     return path
 
 

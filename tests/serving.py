@@ -63,9 +63,17 @@ def register_version(cfg: AppConfig, base_model: Path, seed: int, work: Path) ->
 
 
 def deploy_config(
-    path: Path, port: int, tracking_uri: str, model_name: str, log_dir: Path, api_key: str, traffic: dict | None = None
+    path: Path,
+    port: int,
+    tracking_uri: str,
+    model_name: str,
+    log_dir: Path,
+    api_key: str,
+    traffic: dict | None = None,
+    args: dict | None = None,
 ) -> Path:
-    """serve_config.yaml as shipped, pointed at this session's services and sized for a test."""
+    """serve_config.yaml as shipped, pointed at this session's services and sized for a test; the prediction cache
+    off unless `args` turns it on (the tests of batching and shedding send one text again and again)."""
     conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     conf["http_options"]["port"] = port
     app = conf["applications"][0]
@@ -78,7 +86,9 @@ def deploy_config(
         torch_threads=1,
         batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},
         prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
+        cache={"enabled": False},
     )
+    app["args"].update(args or {})
     app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}
     (deployment,) = app["deployments"]
     if traffic is not None:

@@ -327,6 +327,7 @@ class Ingress:
                 "label": None,
                 "confidence": None,
                 "probabilities": None,
+                "cached": None,
             }
             if result is not None:
                 p = result["probs"][i]
@@ -334,6 +335,7 @@ class Ingress:
                     label=result["labels"][int(p.argmax())],
                     confidence=float(p.max()),
                     probabilities=json.dumps(probabilities(result["labels"], p)),
+                    cached=bool(result["cached"][i]),
                 )
             rows.append(row)
         return rows

@@ -17,11 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from ray import serve
 from ray.serve import metrics
 
 from ray_app.model_ids import Resolver, parse_model_id
 from ray_app.serve.batcher import DrainBatcher
+from ray_app.serve.prediction_cache import PredictionCache
 from ray_app.serve.settings import ServeArgs
 
 log = logging.getLogger("ray.serve")
@@ -118,6 +120,7 @@ class ModelPool:
             "app_backend", "Backend chosen per version load.", tag_keys=("model_id", "backend", "outcome")
         )
         self.m_cache = metrics.Counter("app_model_cache", "Model cache lookups.", tag_keys=("model_id", "result"))
+        self.cache = PredictionCache(args.cache, args.backend) if args.cache.enabled else None
         self.directory = None
         self._reporter: asyncio.Task | None = None
         self._items_per_s = 0.0  # of recent forward passes (a moving average): what a queued item waits for
@@ -231,18 +234,33 @@ class ModelPool:
         return None
 
     async def predict(self, model_id: str, texts: list[str]) -> dict[str, Any]:
-        """Probabilities for `texts` from version `model_id` (NAME/VERSION). Refused at once with `Overloaded` when
-        the queue is full, before anything is loaded or computed."""
-        if reason := self.overloaded(len(texts)):
+        """Probabilities for `texts` from version `model_id` (NAME/VERSION), from the prediction cache where it has
+        them. Refused at once with `Overloaded` when the texts left to predict would not fit the queue, before
+        anything is loaded or computed; `cached` says which came from the cache."""
+        cached = await self.cache.get(model_id, texts) if self.cache else [None] * len(texts)
+        todo = [t for t, row in zip(texts, cached, strict=True) if row is None]
+        if todo and (reason := self.overloaded(len(todo))):
             raise Overloaded(reason)
         self.m_cache.inc(tags={"model_id": model_id, "result": "hit" if model_id in self.loaded else "miss"})
         loaded: Loaded = await self.get_model(model_id)  # a cold load here stalls only this version's callers
-        payload = (texts, loaded)
+        probs, batch_items = (None, 0) if not todo else await self._predict(model_id, todo, loaded)
+        if self.cache and todo:
+            self.cache.put(model_id, todo, probs)
+        if len(todo) < len(texts):  # the cached rows and the new ones, in the request's order
+            new = iter(probs if probs is not None else ())
+            probs = np.stack([row if row is not None else next(new) for row in cached])
+        return {
+            "model_id": model_id,
+            "labels": loaded.classifier.labels,
+            "probs": probs,
+            "batch_items": batch_items,
+            "cached": [row is not None for row in cached],
+        }
+
+    async def _predict(self, model_id: str, texts: list[str], loaded: Loaded) -> tuple[Any, int]:
         if self.args.batch.mode == "serve_batch":
-            probs, batch_items = await self._serve_batch(payload)
-        else:
-            probs, batch_items = await self.batcher.submit(model_id, payload, len(texts))
-        return {"model_id": model_id, "labels": loaded.classifier.labels, "probs": probs, "batch_items": batch_items}
+            return await self._serve_batch((texts, loaded))
+        return await self.batcher.submit(model_id, (texts, loaded), len(texts))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_items)
     async def _serve_batch(self, payloads: list[tuple[list[str], Loaded]]) -> list[tuple[Any, int]]:

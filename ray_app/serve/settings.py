@@ -55,6 +55,29 @@ class PredictionLogSettings(Section):
     )
 
 
+class CacheSettings(Section):
+    """Answers already given, per concrete version (NAME/VERSION, never an alias) and exact text: a repeated text
+    skips the forward pass, and a promotion or rollback can never serve another version's answer."""
+
+    enabled: bool = Field(False, description="Look every text up before predicting it, and keep what was predicted.")
+    backend: Literal["local", "redis"] = Field(
+        "local", description="local: an LRU in each replica; redis: one store shared by every replica (url, ttl_s)."
+    )
+    max_items: int = Field(10_000, ge=1, description="Most texts the local LRU keeps per replica (about 100 B each).")
+    url: str | None = Field(None, description="redis://HOST:PORT/DB for backend redis.")
+    ttl_s: int = Field(86_400, ge=1, description="How long Redis keeps an answer.")
+    timeout_s: float = Field(
+        0.05, gt=0, le=5, description="Redis connect and read timeout: past it the texts are predicted instead."
+    )
+    retry_s: float = Field(5.0, ge=0, description="After a Redis failure, how long texts skip it (a miss, counted).")
+
+    @model_validator(mode="after")
+    def _check(self) -> CacheSettings:
+        if self.enabled and self.backend == "redis" and not self.url:
+            raise ValueError("cache.backend redis needs cache.url (redis://HOST:PORT/DB)")
+        return self
+
+
 class ServeArgs(Section):
     """`args` of the application in serve_config.yaml."""
 
@@ -93,6 +116,7 @@ class ServeArgs(Section):
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     prediction_log: PredictionLogSettings = Field(default_factory=PredictionLogSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     api_key_env: str | None = Field(
         "RAY_APP_API_KEY", description="Env var holding the API key; when it is set, every route but /health needs it."
     )
