@@ -43,6 +43,7 @@ def _version(show: bool) -> None:
         raise typer.Exit()
 
 
+LabelsOpt = Annotated[Path | None, typer.Option(help="Labels for served requests (CSV/JSONL: request_id, item, label)")]
 VersionOpt = Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")]
 
 
@@ -211,14 +212,20 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
 
 
 @app.command("canary-report")
-def canary_report(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
-    """Challenger vs champion on live traffic from the prediction log: promote, hold or roll back, with the numbers."""
+def canary_report(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+    labels: LabelsOpt = None,
+) -> None:
+    """Challenger vs champion on live traffic from the prediction log (and labels that arrived for it: the feedback
+    store, --labels): promote, hold or roll back, with the numbers."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.canary_report import compare_aliases, format_report
 
         tracking = _connect(cfg, ray=False)
-        result = compare_aliases(cfg)
+        result = compare_aliases(cfg, labels)
         typer.echo(format_report(result))
         return {"tracking_uri": tracking.uri, "model": cfg.registry.model_name, "log_uri": cfg.canary.log_uri, **result}
 
@@ -264,7 +271,7 @@ def monitor(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: Annotated[str, typer.Option(help="Version: NAME/VERSION, NAME@ALIAS, VERSION or @ALIAS")] = "@champion",
-    labels: Annotated[Path | None, typer.Option(help="Labelled feedback (CSV/JSONL: request_id, item, label)")] = None,
+    labels: LabelsOpt = None,
     last_n: Annotated[int | None, typer.Option(help="Window: the newest N served rows (monitor.last_n)")] = None,
     minutes: Annotated[float | None, typer.Option(help="Window: the last N minutes (monitor.minutes)")] = None,
     results_dir: ResultsOpt = Path("results"),

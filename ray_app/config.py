@@ -167,6 +167,18 @@ class CanaryConfig(Section):
     max_error_rate: float = Field(0.01, ge=0, le=1)
     max_p99_ms: float = Field(250, gt=0)
     min_agreement: float = Field(0.9, ge=0, le=1, description="Shadow mode: challenger must agree this often.")
+    min_labelled: int = Field(
+        30, ge=1, description="Labelled challenger answers (feedback store, --labels) before accuracy may decide."
+    )
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="Roll back when the challenger's accuracy is below the champion's by more."
+    )
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Roll back when the challenger's accuracy is below this; null: no floor."
+    )
+    require_labels: bool = Field(
+        False, description="Hold until min_labelled answers are labelled (a loop that acts on the verdict)."
+    )
 
 
 class BatchConfig(Section):

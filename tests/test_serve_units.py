@@ -531,3 +531,38 @@ def test_new_ids_are_looked_up_at_a_bounded_rate():
         assert registry.calls == 3
 
     asyncio.run(scenario())
+
+
+def _canary(n: int, wrong: int, labelled: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`n` primary requests to version 1 (all right) and `n` canary requests to version 2, `wrong` of them answered
+    wrongly; labels for the first `labelled` of each."""
+    rows = [_row(i) for i in range(n)]
+    rows += [_row(n + i, model_version="2", route="canary", label="other" if i < wrong else "mlops") for i in range(n)]
+    labels = pd.DataFrame(
+        {"request_id": [f"r{i}" for i in [*range(labelled), *range(n, n + labelled)]], "item": 0, "label": "mlops"}
+    )
+    return pd.DataFrame(rows), labels
+
+
+def test_canary_verdict_acts_on_accuracy_against_labels_once_enough_are_labelled():
+    """A challenger that answers fast but wrongly is rolled back on the labels that arrive during the canary, not
+    only held; too few labels hold; no labels at all leave the verdict to errors and latency."""
+    cfg = CanaryConfig(min_requests=20, max_p99_ms=100, min_labelled=10, max_accuracy_drop=0.02)
+    frame, labels = _canary(30, wrong=15, labelled=30)
+    report = canary_report(frame, "1", "2", cfg, labels)
+    assert report["verdict"] == ROLLBACK and "accuracy 0.500 < champion 1.000" in report["reason"]
+    assert (report["challenger"]["labelled"], report["champion"]["accuracy"]) == (30, 1.0)
+    frame, labels = _canary(30, wrong=15, labelled=5)
+    assert canary_report(frame, "1", "2", cfg, labels)["verdict"] == HOLD  # 5 labelled of 10 needed
+    assert canary_report(frame, "1", "2", cfg, None)["verdict"] == PROMOTE  # nothing to say: as before
+    required = cfg.model_copy(update={"require_labels": True})
+    assert canary_report(frame, "1", "2", required, None)["verdict"] == HOLD
+    frame, labels = _canary(30, wrong=0, labelled=30)
+    good = canary_report(frame, "1", "2", cfg, labels)
+    assert good["verdict"] == PROMOTE and "accuracy 1.000 on 30 labelled" in good["reason"]
+    floor = cfg.model_copy(update={"min_accuracy": 0.9})
+    frame, labels = _canary(30, wrong=6, labelled=30)
+    only_challenger = labels[labels["request_id"].isin([f"r{i}" for i in range(30, 60)])]  # no champion to compare
+    assert canary_report(frame, "1", "2", cfg, only_challenger)["verdict"] == PROMOTE
+    report = canary_report(frame, "1", "2", floor, only_challenger)
+    assert report["verdict"] == ROLLBACK and "accuracy 0.800 < min_accuracy 0.9" in report["reason"]
