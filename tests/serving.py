@@ -63,9 +63,18 @@ def register_version(cfg: AppConfig, base_model: Path, seed: int, work: Path) ->
 
 
 def deploy_config(
-    path: Path, port: int, tracking_uri: str, model_name: str, log_dir: Path, api_key: str, traffic: dict | None = None
+    path: Path,
+    port: int,
+    tracking_uri: str,
+    model_name: str,
+    log_dir: Path,
+    api_key: str,
+    traffic: dict | None = None,
+    stream: dict | None = None,
+    **args: Any,
 ) -> Path:
-    """serve_config.yaml as shipped, pointed at this session's services and sized for a test."""
+    """serve_config.yaml as shipped, pointed at this session's services and sized for a test. The stream consumer is
+    off unless `stream` names a test's own broker (the shipped one points at `make run`'s); `args`: more app args."""
     conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     conf["http_options"]["port"] = port
     app = conf["applications"][0]
@@ -78,6 +87,8 @@ def deploy_config(
         torch_threads=1,
         batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},
         prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
+        stream=stream,
+        **args,
     )
     app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}
     (deployment,) = app["deployments"]
