@@ -114,14 +114,14 @@ def app(mlflow_server, ray_cluster, tiny_model, storage, kafka, tmp_path_factory
         "producer_batch_bytes": 1,
         "lag_interval_s": 1,
     }
-    conf = deploy_config(
-        work / "s.yaml", port, mlflow_server, name, work / "predlog", KEY, stream=stream, max_queued_items=8
-    )
-    serve_deploy(conf, ray_cluster["dashboard"])
+    conf = {"path": work / "s.yaml", "port": port, "tracking_uri": mlflow_server, "model_name": name}
+    conf |= {"log_dir": work / "predlog", "api_key": KEY, "max_queued_items": 8}
+    serve_deploy(deploy_config(**conf, stream=stream), ray_cluster["dashboard"])
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=60)
     wait_until(lambda: _ready(http) and _consuming(), 240, "/ready and a consumer with partitions")
     consumer = serve.get_deployment_handle("StreamConsumer", STREAM_APP)
-    yield {"http": http, "kafka": kafka, "name": name, "v1": v1, "v2": v2, "consumer": consumer, "work": work}
+    yield {"http": http, "kafka": kafka, "name": name, "v1": v1, "v2": v2, "consumer": consumer, "work": work,
+           "conf": conf, "stream": stream, "dashboard": ray_cluster["dashboard"]}  # fmt: skip
     http.close()
     serve.shutdown()
 
@@ -312,3 +312,29 @@ def test_stream_predictions_are_in_the_prediction_log_with_route_stream(app):
     for _, row in rows.iterrows():
         assert row["label"] == results[row["request_id"]][0]["label"]
         assert row["text"].startswith("logged stream item")
+
+
+@pytest.mark.slow
+def test_a_second_consumer_replica_takes_half_the_partitions(app):
+    """Last: it redeploys. `stream.replicas: 2` in the same group: each replica holds 2 of the 4 partitions, and a
+    stream sent then is answered whole."""
+    import time
+
+    started = time.monotonic()
+    serve_deploy(deploy_config(**app["conf"], stream={**app["stream"], "replicas": 2}), app["dashboard"])
+
+    def split() -> dict[str, list[str]] | bool:
+        seen = {}
+        for _ in range(20):  # handle calls land on either replica
+            status = _status(app)
+            seen[status["replica"]] = status["assigned"]
+        held = [p for parts in seen.values() for p in parts]
+        return seen if len(seen) == 2 and sorted(held) == sorted(set(held)) and len(held) == PARTITIONS else False
+
+    seen = wait_until(split, 120, "two consumer replicas sharing the partitions")
+    print(f"STREAM two replicas: {seen} after {time.monotonic() - started:.1f}s")
+    assert sorted(len(parts) for parts in seen.values()) == [2, 2], seen
+    run = uuid.uuid4().hex[:6]
+    messages = [{"request_id": f"two-{run}-{i}", "title": f"two replicas {i}"} for i in range(40)]
+    _send(app, messages)
+    assert set(_results(app, {m["request_id"] for m in messages})) == {m["request_id"] for m in messages}

@@ -97,6 +97,7 @@ class StreamConsumer:
     def status(self) -> dict[str, Any]:
         assigned = self.consumer.assignment() if self.consumer is not None else set()
         return {
+            "replica": self.client_id,
             "state": self.state,
             "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in assigned),
             "in_flight": len(self.tasks),
