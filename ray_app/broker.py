@@ -125,8 +125,9 @@ async def _send(bootstrap: str, topic: str, records: list[tuple[bytes | None, by
 
 
 def read(bootstrap: str, topic: str, keys: set[str], timeout: float) -> list[Any]:
-    """Every record of `topic` (all partitions, from the start) until one with each key in `keys` is there or the
-    timeout passes; no consumer group, nothing committed. ConsumerRecords, in the order read."""
+    """Every record of `topic` (all partitions, from the start) until one with each key in `keys` is there (no keys:
+    until a fetch brings nothing more) or the timeout passes; no consumer group, nothing committed. ConsumerRecords,
+    in the order read."""
     return asyncio.run(_read(bootstrap, topic, keys, timeout))
 
 
@@ -141,10 +142,13 @@ async def _read(bootstrap: str, topic: str, keys: set[str], timeout: float) -> l
             raise AppError(f"topic {topic} does not exist on {bootstrap}")
         consumer.assign([TopicPartition(topic, p) for p in partitions])
         records, seen, deadline = [], set(), time.monotonic() + timeout
-        while not keys <= seen and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
+        while time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=500)
+            for batch in fetched.values():
                 records += batch
                 seen |= {r.key.decode() for r in batch if r.key is not None}
+            if (keys and keys <= seen) or (not keys and not fetched):  # no keys: what the topic holds now
+                break
         return records
     finally:
         await consumer.stop()
