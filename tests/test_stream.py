@@ -316,12 +316,19 @@ def test_stream_predictions_are_in_the_prediction_log_with_route_stream(app):
 
 @pytest.mark.slow
 def test_a_second_consumer_replica_takes_half_the_partitions(app):
-    """Last: it redeploys. `stream.replicas: 2` in the same group: each replica holds 2 of the 4 partitions, and a
-    stream sent then is answered whole."""
+    """Last: it scales the consumer the way Serve scales any deployment, `num_replicas: 2` for StreamConsumer in
+    serve_config.yaml's `deployments` (only that deployment changes; `stream.replicas` would restart the app): each
+    replica holds 2 of the 4 partitions, and a stream sent then is answered whole."""
     import time
 
+    import yaml
+
+    path = deploy_config(**app["conf"], stream=app["stream"])
+    conf = yaml.safe_load(path.read_text())
+    conf["applications"][0]["deployments"].append({"name": "StreamConsumer", "num_replicas": 2})
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
     started = time.monotonic()
-    serve_deploy(deploy_config(**app["conf"], stream={**app["stream"], "replicas": 2}), app["dashboard"])
+    serve_deploy(path, app["dashboard"])
 
     def split() -> dict[str, list[str]] | bool:
         seen = {}
@@ -329,7 +336,8 @@ def test_a_second_consumer_replica_takes_half_the_partitions(app):
             status = _status(app)
             seen[status["replica"]] = status["assigned"]
         held = [p for parts in seen.values() for p in parts]
-        return seen if len(seen) == 2 and sorted(held) == sorted(set(held)) and len(held) == PARTITIONS else False
+        spread = len(seen) == 2 and all(seen.values()) and sorted(held) == sorted(set(held))
+        return seen if spread and len(held) == PARTITIONS else False
 
     seen = wait_until(split, 120, "two consumer replicas sharing the partitions")
     print(f"STREAM two replicas: {seen} after {time.monotonic() - started:.1f}s")
