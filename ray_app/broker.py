@@ -164,6 +164,8 @@ def stream_settings(serve_config: Path) -> dict[str, Any] | None:
 def up(state_file: Path, root: Path, port: int, serve_config: Path, partitions: int) -> str:
     """`make up`: the broker (started unless the services state names one that answers), recorded in the state
     so `make stop` stops it, and the stream topics serve_config.yaml names."""
+    if not state_file.exists():
+        raise SystemExit(f"no services state at {state_file}: start Ray and MLflow first (`make up`)")
     state = Services(**json.loads(state_file.read_text()))
     bootstrap = f"127.0.0.1:{port}"
     if not (state.stream_pid and state.stream_url == bootstrap and _answers(bootstrap)):
