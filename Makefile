@@ -16,21 +16,26 @@ export RAY_AUTH_MODE ?= token
 
 SERVE_PORT ?= 8000
 PROMETHEUS_PORT ?= 9090
+# The local Kafka-protocol broker (Tansu, memory only) and the partitions of each stream topic it gets; serve_config.yaml's
+# stream.bootstrap_servers names the same port.
+STREAM_PORT ?= 9092
+STREAM_PARTITIONS ?= 4
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor drift-demo prometheus repro stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor stream drift-demo prometheus repro stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
 	@echo "make serve  - serve deploy serve_config.yaml on the running head, wait for /ready, show a request"
 	@echo "make replay - send the champion's test split through the served app (prediction log + labels file)"
 	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
+	@echo "make stream - a few requests through the broker's input topic; prints their results and a dead letter"
 	@echo "make drift-demo - send shifted traffic (titles only) and watch the monitor report the breach"
 	@echo "make prometheus - Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the running head, with the alert rules"
 	@echo "make repro  - dvc repro: the DVC pipeline (dvc.yaml: data, train, register, evaluate) on the running head"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
-	@echo "make stop   - stop the Ray head and MLflow server that make run started"
+	@echo "make stop   - stop the Ray head, MLflow server and broker that make run started"
 	@echo "make lock   - regenerate constraints.txt from the current venv (deliberately)"
 	@echo "make clean  - stop, then remove the venv, results and local MLflow data"
 
@@ -53,6 +58,8 @@ up: venv
 	$(BIN)/python -m ray_app.local up --state $(STATE) --root $(RUN_DIR) \
 	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT) \
 	  --prometheus-port $(PROMETHEUS_PORT)
+	$(BIN)/python -m ray_app.broker up --state $(STATE) --root $(RUN_DIR) --port $(STREAM_PORT) \
+	  --serve-config serve_config.yaml --partitions $(STREAM_PARTITIONS)
 
 run: up
 	@echo "== submitting the pipeline ($(CONFIG)) to the Ray head; logs stream below =="
@@ -65,10 +72,12 @@ run: up
 	@$(MAKE) --no-print-directory serve
 	@$(MAKE) --no-print-directory replay
 	@$(MAKE) --no-print-directory monitor
+	@$(MAKE) --no-print-directory stream
 	@echo "MLflow UI:      http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)  (Serve tab: replicas, logs; Jobs tab: this pipeline)"
 	@echo "                it asks for a token: paste the output of  $(BIN)/ray get-auth-token"
 	@echo "Metrics:        http://127.0.0.1:8080/metrics  (ray_app_* series; \`make prometheus\` scrapes them with the alerts)"
+	@echo "Stream:         broker 127.0.0.1:$(STREAM_PORT), topics predict-requests -> predictions (docs/streaming.md)"
 
 # What a user does on any cluster: serve deploy the config; the package is already installed in the cluster's env.
 serve: up
@@ -86,6 +95,11 @@ replay: up
 	@echo "== replaying the champion's test split through $(SERVE_URL) =="
 	$(BIN)/ray-app replay --url $(SERVE_URL) --labels-out results/replay-labels.csv \
 	  --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT)
+
+# Requests through the broker (serve_config.yaml's stream section): the app's StreamConsumer answers them on the output
+# topic; one message that is not JSON lands in the dead-letter topic.
+stream: up
+	$(BIN)/python -m ray_app.broker demo --serve-config serve_config.yaml
 
 # Drift of the replayed traffic against the champion's own reference, and its accuracy on the replay's labels.
 # Exit 1 is a reported breach (the MLflow run is tagged and the results JSON says why): shown, not a failed `make`.

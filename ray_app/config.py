@@ -226,7 +226,7 @@ class MonitorConfig(Section):
     minutes: float | None = Field(None, gt=0, description="Window: only rows of the last N minutes; null: any age.")
     min_rows: int = Field(30, ge=5, description="A smaller window is refused: drift tests on a handful mean nothing.")
     routes: list[str] = Field(
-        default_factory=lambda: ["primary", "canary", "named"],
+        default_factory=lambda: ["primary", "canary", "named", "stream"],
         min_length=1,
         description="Routes whose rows count (add 'shadow' to check a challenger running in shadow).",
     )

@@ -28,6 +28,14 @@ POD_OVERRIDES: dict[str, tuple[Any, str]] = {
         "http://mlflow.mlflow.svc.cluster.local:5000",
         "no MLflow server runs inside the Ray pods; this is the in-cluster MLflow Service",
     ),
+    "applications.classifier.args.stream.bootstrap_servers": (
+        "kafka-bootstrap.kafka.svc.cluster.local:9092",
+        "no broker runs inside the Ray pods; this is the in-cluster Kafka's bootstrap Service",
+    ),
+    "applications.classifier.args.stream.producer_batch_bytes": (
+        16384,
+        "one record per batch is for Tansu's end offsets; Kafka reports them right whatever the batch",
+    ),
     "applications.classifier.args.prediction_log.uri": (
         "s3://YOUR-BUCKET/ray_app/prediction_log",
         "a pod's disk is lost on restart and each node has its own; `ray-app canary-report` reads shared storage",

@@ -41,6 +41,8 @@ class Services:
     metrics_url: str = ""
     prometheus_url: str = ""
     prometheus_pid: int = 0
+    stream_url: str = ""  # the Kafka-protocol broker (broker.py); a state file from before it loads without it
+    stream_pid: int = 0
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -333,12 +335,13 @@ def down(state_file: Path) -> None:
         timeout=60,
         check=False,
     )
-    if state.prometheus_pid:
-        stop_pids([state.prometheus_pid])
+    for pid in (state.prometheus_pid, state.stream_pid):
+        if pid:
+            stop_pids([pid])
     stop_ray_head(Path(state.ray_temp_dir), state.ray_pids)
     stop_mlflow(state.mlflow_pid, Path(state.mlflow_dir))
     state_file.unlink()
-    print("stopped Ray head and MLflow server")
+    print("stopped Ray head and MLflow server" + (" and the broker" if state.stream_pid else ""))
 
 
 def main() -> None:

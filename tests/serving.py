@@ -70,10 +70,13 @@ def deploy_config(
     log_dir: Path,
     api_key: str,
     traffic: dict | None = None,
-    args: dict | None = None,
+    stream: dict | None = None,
+    **args: Any,
 ) -> Path:
-    """serve_config.yaml as shipped, pointed at this session's services and sized for a test; the prediction cache
-    off unless `args` turns it on (the tests of batching and shedding send one text again and again)."""
+    """serve_config.yaml as shipped, pointed at this session's services and sized for a test. The stream consumer is
+    off unless `stream` names a test's own broker (the shipped one points at `make run`'s), the prediction cache
+    unless `args` turns it on (the tests of batching and shedding send one text again and again); `args`: more app
+    args."""
     conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     conf["http_options"]["port"] = port
     app = conf["applications"][0]
@@ -87,8 +90,9 @@ def deploy_config(
         batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},
         prediction_log={"uri": str(log_dir), "flush_rows": 50, "flush_interval_s": 0.5},
         cache={"enabled": False},
+        stream=stream,
     )
-    app["args"].update(args or {})
+    app["args"].update(args)
     app["runtime_env"] = {"env_vars": {"RAY_APP_API_KEY": api_key}}
     (deployment,) = app["deployments"]
     if traffic is not None:

@@ -143,7 +143,7 @@ def cached_app(mlflow_server, ray_cluster, tiny_model, storage, redis_server, tm
     client.set_registered_model_alias(name, "champion", v1)
     port = free_port()
     cache = {"enabled": True, "backend": "redis", "url": redis_server["url"], "ttl_s": 600}
-    conf = deploy_config(work / "s.yaml", port, mlflow_server, name, work / "predlog", KEY, args={"cache": cache})
+    conf = deploy_config(work / "s.yaml", port, mlflow_server, name, work / "predlog", KEY, cache=cache)
     serve_deploy(conf, ray_cluster["dashboard"])
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=60)
     wait_until(lambda: http.get("/ready").status_code == 200, 240, "/ready")

@@ -1,6 +1,7 @@
-"""The app's one deployment: the HTTP routes validate requests, apply the traffic policy, resolve model ids
+"""The app's one serving deployment: the HTTP routes validate requests, apply the traffic policy, resolve model ids
 through the registry, predict with the replica's own model pool (pool.py, in process) and record metrics and the
-prediction log. Every client mistake gets a JSON 4xx.
+prediction log. Every client mistake gets a JSON 4xx. The stream consumer (stream.py) sends each message through the
+same path, over a DeploymentHandle (`predict_message`), and gets the same error codes.
 
 No `from __future__ import annotations`: FastAPI reads the route methods' annotations at run time.
 """
@@ -12,13 +13,10 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi_swagger import patch_fastapi
+from fastapi import Request
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import metrics
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.model_ids import (
     BadModelId,
@@ -32,16 +30,18 @@ from ray_app.model_ids import (
 )
 from ray_app.prediction_log import text_fields
 from ray_app.serve import schemas
-from ray_app.serve.edge import EdgeGuard, error_body
+from ray_app.serve.api import api
+from ray_app.serve.edge import error_body
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.pool import ModelLoadError, ModelPool, ModelRefused, Overloaded
 from ray_app.serve.predlog import PredictionLog
-from ray_app.serve.schemas import ApiError, Health, Models, Prediction, PredictRequest, PredictResponse, Ready
+from ray_app.serve.schemas import ApiError, Health, Item, Models, Prediction, PredictRequest, PredictResponse, Ready
 from ray_app.serve.settings import ServeArgs, TrafficPolicy
 from ray_app.text import join_parts
 
 log = logging.getLogger("ray.serve")
 MODEL_HEADER = "serve_multiplexed_model_id"
+STREAM = "stream"  # the route of stream predictions in metrics and the prediction log
 LATENCY_BUCKETS_MS = [5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000]
 
 
@@ -49,71 +49,11 @@ def probabilities(labels: list[str], row) -> dict[str, float]:
     return {label: float(p) for label, p in zip(labels, row, strict=True)}
 
 
-api = FastAPI(
-    title="ray_app classifier",
-    description="Tags ML projects (NLP, computer vision, MLOps, other) with any registered model version.",
-    docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN: blank on a machine without internet
-    redoc_url=None,
-    swagger_ui_oauth2_redirect_url=None,
-)
-# /docs with Swagger UI 5 from the installed fastapi-swagger package, "Try it out" on; its pages are open (edge.py).
-patch_fastapi(api, docs_url="/docs", redirect_from_root_to_docs=False, title="ray_app classifier: API")
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse(error_body("invalid_request", problems), status_code=422)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (an unknown path, a wrong method) in the same JSON shape as the app's."""
-    named = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
-    code = named.get(exc.status_code, f"http_{exc.status_code}")
-    return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code, headers=exc.headers)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    """A fault no route anticipated still answers JSON (Starlette's default is a plain-text 500); it is logged."""
-    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
-    return JSONResponse(error_body("internal_error", type(exc).__name__), status_code=500)
-
-
-def _edge_limits(scope) -> tuple[int, float, str | None]:
-    """From the serving app's own state (`scope["app"]`): the replica runs a copy of `api` that Serve unpickled,
-    and its constructor sets the limits there."""
-    state = scope["app"].state
-    return (
-        getattr(state, "max_body_bytes", 1_000_000),
-        getattr(state, "body_timeout_s", 10.0),
-        getattr(state, "api_key", None),
-    )
-
-
-def _shed(scope) -> tuple[str, int] | None:
-    """A prediction that would only wait too long is refused before its body is read, so refusals stay fast when
-    the replica is busiest; the pool checks again, with the request's item count, before it queues it."""
-    state = scope["app"].state
-    pool = getattr(state, "pool", None)
-    if pool is None or scope.get("method") != "POST" or not scope.get("path", "").endswith("/predict"):
-        return None
-    reason = pool.overloaded()
-    return (f"{reason}; retry after the Retry-After seconds", state.retry_after_s) if reason else None
-
-
-api.add_middleware(EdgeGuard, limits=_edge_limits, shed=_shed)
-
-
 @serve.ingress(api)
 class Ingress:
-    async def __init__(self, args: ServeArgs) -> None:
+    async def __init__(self, args: ServeArgs, stream: Any = None) -> None:
+        """`stream`: the StreamConsumer deployment's handle when `args.stream` is set, bound here so the app deploys
+        it (app.py); the consumer calls this deployment, not the other way round."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -213,24 +153,56 @@ class Ingress:
 
     @api.post("/predict", response_model=PredictResponse, responses=schemas.responses("Predict", schemas.PREDICT))
     async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
-        started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        served_id = uuid.uuid4().hex  # the log's key: unique even when a caller reuses its request id
-        items = schemas.check_items(body.all_items(), self.args)
         named = request.headers.get(MODEL_HEADER) or body.model
+        caller = request.headers.get(self.policy.sticky_header)
+        return await self._predict(body.all_items(), request_id, named, caller)
+
+    async def predict_message(self, message: Any) -> dict[str, Any]:
+        """One message of the input topic (stream.py calls this through a DeploymentHandle), down the same path as
+        POST /predict, logged and counted with route `stream`: the result message, or {"error", "detail", "status"
+        [, "retry_after_s"]} with the code the HTTP API answers the same mistake or condition with."""
+        try:
+            msg = schemas.StreamRequest.model_validate(message)
+            items = [Item(title=msg.title, description=msg.description)]
+            answer = await self._predict(items, msg.request_id, msg.model, None, STREAM)
+        except ValidationError as exc:
+            return {**error_body("invalid_request", schemas.problems(exc.errors())), "status": 422}
+        except ApiError as err:
+            return schemas.stream_error(err)
+        except Exception as exc:  # noqa: BLE001 - as the HTTP app's 500: logged here, the code only in the answer
+            log.error("unhandled error on a stream message: %r", exc)
+            return {**error_body("internal_error", type(exc).__name__), "status": 500}
+        (prediction,) = answer.predictions
+        return {
+            "request_id": msg.request_id,
+            "model": answer.model,
+            "version": answer.version,
+            "label": prediction.label,
+            "probabilities": prediction.probabilities,
+        }
+
+    async def _predict(
+        self, items: list[Item], request_id: str, named: str | None, caller: str | None, logged: str | None = None
+    ) -> PredictResponse:
+        """The one prediction path: limits, traffic policy, model resolution, the pool, metrics, prediction log and
+        shadow. `logged`: the route metrics and the log record instead of the policy's (the stream's)."""
+        started = time.perf_counter()
+        served_id = uuid.uuid4().hex  # the log's key: unique even when a caller reuses its request id
+        items = schemas.check_items(items, self.args)
         if named is not None:  # "model": "" is a bad id (422), not "no model"
             route = Route(named, NAMED)
         else:
-            caller = request.headers.get(self.policy.sticky_header)
             route = choose(self.policy, caller, request_id, canary_enabled=self.guard.tripped is None)
+        routes = (route.route, logged or route.route)
         ref = await self._resolve(route.model_id)
         texts = [join_parts([item.title, item.description]) for item in items]
         try:
             result = await self._call_pool(ref, texts)
         except ApiError as err:
-            self._record(ref, route.route, err.status, started, (request_id, served_id), texts, None, err.code)
+            self._record(ref, routes, err.status, started, (request_id, served_id), texts, None, err.code)
             raise
-        ms = self._record(ref, route.route, 200, started, (request_id, served_id), texts, result, None)
+        ms = self._record(ref, routes, 200, started, (request_id, served_id), texts, result, None)
         if route.route == "canary" and (reason := self.guard.record(True, ms)):
             self.m_canary_out.inc()
             log.warning("canary %s taken out: %s", ref, reason)
@@ -288,7 +260,7 @@ class Ingress:
     def _record(
         self,
         ref: ModelRef,
-        route: str,
+        routes: tuple[str, str],
         status: int,
         started: float,
         ids: tuple[str, str],
@@ -296,14 +268,16 @@ class Ingress:
         result: dict[str, Any] | None,
         error: str | None,
     ) -> float:
+        """`routes`: (the policy's route, for the canary guard; the route metrics and the log record)."""
         ms = (time.perf_counter() - started) * 1000
-        tags = {"model": ref.name, "version": str(ref.version), "route": route}
+        route, logged = routes
+        tags = {"model": ref.name, "version": str(ref.version), "route": logged}
         self.m_requests.inc(tags={**tags, "status": str(status)})
         self.m_latency.observe(ms, tags=tags)
         if route == "canary" and status >= 500 and (reason := self.guard.record(False, ms)):
             self.m_canary_out.inc()
             log.warning("canary %s taken out: %s", ref, reason)
-        self.log.add(self._log_rows(ref, route, status, ms, ids, texts, result, error))
+        self.log.add(self._log_rows(ref, logged, status, ms, ids, texts, result, error))
         return ms
 
     def _log_rows(self, ref, route, status, ms, ids, texts, result, error) -> list[dict[str, Any]]:
@@ -346,7 +320,7 @@ class Ingress:
         try:
             ref = await self._resolve(model_id)
             result = await self._call_pool(ref, texts)
-            self._record(ref, SHADOW, 200, started, ids, texts, result, None)
+            self._record(ref, (SHADOW, SHADOW), 200, started, ids, texts, result, None)
         except ApiError as err:
             log.warning("shadow %s failed: %s", model_id, err.detail)
         except Exception as exc:  # noqa: BLE001 - the caller already has its answer; the shadow must not crash anything

@@ -86,6 +86,46 @@ class PredictRequest(BaseModel):
         )
 
 
+class StreamRequest(BaseModel):
+    """One message of the input topic (stream.py): one item, the request id its result is keyed by, and an optional
+    model id that bypasses the traffic policy as POST /predict's `model` does."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=256, description="The result's key on the output topic.")
+    title: str
+    description: str = ""
+    model: str | None = None
+
+
+def problems(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors as the API reports them (`invalid_request`'s detail): where, what, which rule."""
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+
+
+def decode_message(raw: bytes | None) -> Any:
+    """A message's bytes as POST /predict reads a body (FastAPI's `request.json()`): bytes that are not text are
+    400 `bad_request`, text that is not JSON 422 `invalid_request`; its fields are checked after (StreamRequest)."""
+    try:
+        message = json.loads(raw or b"")
+    except json.JSONDecodeError as exc:
+        problem = [{"loc": ["body", exc.pos], "msg": "JSON decode error", "type": "json_invalid"}]
+        raise ApiError(422, "invalid_request", problem) from None
+    except ValueError:  # UnicodeDecodeError: not UTF-8 (nor UTF-16/32 with a BOM)
+        raise ApiError(400, "bad_request", "There was an error parsing the body") from None
+    return message
+
+
+def stream_error(err: ApiError) -> dict[str, Any]:
+    """An error as a stream answer: the HTTP body's code and detail, its status, and Retry-After when it has one."""
+    retry = (err.headers or {}).get("Retry-After")
+    return {
+        "error": err.code,
+        "detail": err.detail,
+        "status": err.status,
+        **({"retry_after_s": int(retry)} if retry else {}),
+    }
+
+
 def check_items(items: list[Item], args: ServeArgs) -> list[Item]:
     """The limits the schema states with maxItems / maxLength / pattern, with this app's own error codes."""
     if len(items) > args.max_items:

@@ -78,6 +78,60 @@ class CacheSettings(Section):
         return self
 
 
+class StreamSettings(Section):
+    """Predictions for a stream of requests on a Kafka-protocol broker (stream.py, docs/streaming.md): a consumer
+    group inside the app that predicts through the same path as POST /predict and answers on another topic."""
+
+    bootstrap_servers: str = Field(
+        min_length=1,
+        description="HOST:PORT of the broker (several: comma-separated); make run's local one is "
+        "127.0.0.1:9092 (STREAM_PORT).",
+    )
+    input_topic: str = Field("predict-requests", min_length=1, description="Requests: JSON {request_id, title, ...}.")
+    output_topic: str = Field("predictions", min_length=1, description="Results, keyed by the request id.")
+    dead_letter_topic: str = Field(
+        "predict-dead-letter",
+        min_length=1,
+        description="Requests that cannot be answered: original bytes, the error code and detail in headers.",
+    )
+    group_id: str = Field("ray-app-classifier", min_length=1, description="The consumer group: replicas share it.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="StreamConsumer replicas (no CPU reserved); the group spreads the input topic's "
+        "partitions over them, so replicas beyond the partition count idle.",
+    )
+    max_in_flight: int = Field(
+        32,
+        ge=1,
+        description="Messages one consumer replica has in prediction at once (through the Classifier's "
+        "handle, where batching gathers them).",
+    )
+    retry_for_s: float = Field(
+        300,
+        gt=0,
+        description="How long a message that gets another 503 than `overloaded` (registry_busy, "
+        "registry_unavailable, model_unavailable) or finds no Classifier replica is retried before it is "
+        "dead-lettered with that code. `overloaded` is waited out for as long as it lasts (pause and resume).",
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group without committed offsets starts: earliest answers the backlog."
+    )
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1_000,
+        description="The group's session timeout. Tansu holds a new group's first assignment "
+        "for half of it; Kafka brokers refuse less than their group.min.session.timeout.ms (6000 by default).",
+    )
+    producer_batch_bytes: int = Field(
+        16_384,
+        ge=1,
+        description="aiokafka's max_batch_size for results and dead letters; 1 sends one record per "
+        "batch, the only way Tansu 0.6 reports a topic's end offsets (and so a reader's lag) right.",
+    )
+    lag_interval_s: float = Field(5.0, gt=0, description="How often consumer lag per partition is measured.")
+
+
 class ServeArgs(Section):
     """`args` of the application in serve_config.yaml."""
 
@@ -140,6 +194,9 @@ class ServeArgs(Section):
         "backend_max_f1_drop of fp32 (checked once per version, stored with it); fp32 otherwise.",
     )
     backend_max_f1_drop: float = Field(0.005, ge=0, le=1, description="Largest weighted-F1 drop a backend may have.")
+    stream: StreamSettings | None = Field(
+        None, description="A Kafka-protocol stream of requests answered beside HTTP (docs/streaming.md); null: off."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
