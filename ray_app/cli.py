@@ -218,8 +218,7 @@ def canary_report(
     results_dir: ResultsOpt = Path("results"),
     labels: LabelsOpt = None,
 ) -> None:
-    """Challenger vs champion on live traffic from the prediction log (and labels that arrived for it: the feedback
-    store, --labels): promote, hold or roll back, with the numbers."""
+    """Challenger vs champion on live traffic and the labels for it: promote, hold or roll back, with the numbers."""
 
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.canary_report import compare_aliases, format_report
