@@ -181,8 +181,9 @@ async def drill_kill(bootstrap: str, topics: dict[str, str], app_name: str, dash
 async def drill_outage(bootstrap: str, topics: dict[str, str], broker_pid: int, messages: int, outage_s: float,
                        rate: float = 100, timeout: float = 300, status=None) -> dict[str, Any]:  # fmt: skip
     """Pause the broker (SIGSTOP) once a twentieth of a stream of `messages` is answered, the rest held by the broker
-    or still being produced, for `outage_s`, then SIGCONT: the consumer's requests time out or wait, it reconnects
-    and answers everything. Recovery: from SIGCONT to the first result written after it (by its own timestamp).
+    or still being produced, for `outage_s`, then SIGCONT: the consumer's requests wait on the open connections (or
+    time out and are retried; a closed connection would send it through its reconnect loop) and it answers
+    everything. Recovery: from SIGCONT to the first result written after it (by its own timestamp).
     `status`: the consumer's status() (a handle call), to report the rebalances and retries the outage caused."""
     before = await asyncio.to_thread(status) if status else {}
     tag = f"outage-{uuid.uuid4().hex[:6]}-"
