@@ -28,6 +28,7 @@ KEY = "stream-key-" + uuid.uuid4().hex[:6]
 TOPICS = {"input_topic": "requests-t", "output_topic": "results-t", "dead_letter_topic": "dead-t"}
 PARTITIONS = 4
 STREAM_APP = "classifier"
+BROKER: dict[str, int] = {}  # the kafka fixture's broker pid, for the outage drill
 
 
 # ---- without a broker -----------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ def kafka():
     """Tansu on a free port (memory storage, its log in a temp dir), up once a metadata request answers."""
     port = free_port()
     pid = broker.start_broker(port, Path(tempfile.mkdtemp(prefix="broker-")))
+    BROKER["pid"] = pid
     bootstrap = f"127.0.0.1:{port}"
     assert set(broker.create_topics(bootstrap, list(TOPICS.values()), PARTITIONS).values()) == {"created"}
     yield bootstrap
@@ -312,6 +314,38 @@ def test_stream_predictions_are_in_the_prediction_log_with_route_stream(app):
     for _, row in rows.iterrows():
         assert row["label"] == results[row["request_id"]][0]["label"]
         assert row["text"].startswith("logged stream item")
+
+
+@pytest.mark.slow
+def test_drill_killing_the_consumer_replica_mid_stream_loses_no_message(app):
+    """SIGKILL the consumer replica's process once a tenth of a 200-message stream is answered, the rest still being
+    produced: Serve starts another replica, it joins the group once the dead member's session (6 s) expires, and
+    every request id gets a result; duplicates (answered, not yet committed) are counted, none is lost."""
+    import asyncio
+
+    from bench.stream import drill_kill
+
+    out = asyncio.run(drill_kill(app["kafka"], TOPICS, STREAM_APP, app["dashboard"], 200, timeout=120))
+    print(f"DRILL stream-consumer-kill: {out}")
+    assert out["lost"] == 0, out
+    assert out["answered_at_kill"] < 200 and out["new_pids"] and out["killed_pid"] not in out["new_pids"], out
+    wait_until(_consuming, 60, "the new consumer replica holding partitions")
+
+
+@pytest.mark.slow
+def test_drill_pausing_the_broker_mid_stream_loses_no_message(app):
+    """SIGSTOP the broker for 5 s once a twentieth of a 200-message stream is answered (never a restart: Tansu keeps
+    everything in memory), then SIGCONT: the consumer reconnects and goes on, and every request id gets a result."""
+    import asyncio
+
+    from bench.stream import drill_outage
+
+    out = asyncio.run(
+        drill_outage(app["kafka"], TOPICS, BROKER["pid"], 200, 5, timeout=120, status=lambda: _status(app))
+    )
+    print(f"DRILL stream-broker-outage: {out}")
+    assert out["lost"] == 0, out
+    assert out["answered_at_stop"] < 200, out
 
 
 @pytest.mark.slow
