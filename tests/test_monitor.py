@@ -109,12 +109,16 @@ def test_log_files_from_before_served_id_read_beside_newer_ones(ray_cluster, tmp
     from ray.data import DataContext
     from ray.util.state import list_actors
 
+    def footer_readers() -> int:  # other tests' Parquet reads (batch inputs) on this shared cluster make some
+        found = list_actors(address=ray_cluster["address"], filters=[("class_name", "=", "FooterReader")], limit=10_000)
+        return len(found)
+
+    before = footer_readers()
     frame = read_log(str(tmp_path))
     assert sorted(frame["request_id"]) == ["new-1", "old-1"] and "served_id" in frame.columns
     # read with Ray Data's V1 Parquet reader: no FooterReader actors killed after listing (red in the dashboard),
     # and the caller's DataContext as it was
-    footer_readers = list_actors(address=ray_cluster["address"], filters=[("class_name", "=", "FooterReader")])
-    assert footer_readers == [] and DataContext.get_current().use_datasource_v2 is True
+    assert footer_readers() == before and DataContext.get_current().use_datasource_v2 is True
     labels = pd.DataFrame({"request_id": ["old-1", "new-1"], "item": [0, 0], "label": ["mlops", "mlops"]})
     assert join_labels(labels, frame)["matched"].tolist() == [True, True]
 
