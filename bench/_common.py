@@ -104,3 +104,20 @@ def report(name: str, baseline: str, other: str, rows: list[Row], args: argparse
     out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {out}")
     return table
+
+
+def serving_args(tracking_uri: str, model: str, **extra: Any):
+    """The app's ServeArgs for a registered model (NAME@ALIAS or NAME/VERSION), no API key, and queues that hold
+    everything: the serving benches measure their path, not shedding (bench/edge.py measures that)."""
+    from ray_app.serve.settings import ServeArgs
+
+    name, _, alias = model.partition("@")
+    return ServeArgs(
+        tracking_uri=tracking_uri,
+        model_name=name,
+        default_model=f"@{alias}" if alias else model,
+        max_queued_items=2048,
+        max_queue_wait_s=3600.0,
+        api_key_env=None,
+        **extra,
+    )

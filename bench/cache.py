@@ -27,10 +27,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, _fmt, median, ratio
+from _common import RESULTS, ROOT, _fmt, median, ratio, serving_args
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-QUEUE_ALL, QUEUE_WAIT_ALL = 2048, 3600.0  # measure the cache, not shedding (bench/edge.py measures that)
 
 
 def zipf_items(n: int, s: float, seed: int) -> list[dict[str, str]]:
@@ -99,7 +98,6 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     from ray_app.local import start_ray_head, stop_ray_head
     from ray_app.ports import free_port
     from ray_app.serve.app import build_app
-    from ray_app.serve.settings import ServeArgs
 
     temp = Path(tempfile.mkdtemp(prefix="rc-"))
     log_dir, redis_port = temp / "predlog", free_port()
@@ -109,7 +107,6 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     if redis_proc is not None:
         variants["redis"] = {"enabled": True, "backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    name, _, alias = args.model.partition("@")
     try:
         ray.init(address=address, logging_level="WARNING")
         port = free_port()
@@ -119,13 +116,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             for variant, cache in variants.items():
                 if variant == "redis":
                     redis.Redis(port=redis_port).flushdb()  # cold, like the replica's own LRU after a redeploy
-                sargs = ServeArgs(
-                    tracking_uri=args.tracking_uri,
-                    model_name=name,
-                    default_model=f"@{alias}" if alias else args.model,
-                    max_queued_items=QUEUE_ALL,
-                    max_queue_wait_s=QUEUE_WAIT_ALL,
-                    api_key_env=None,
+                sargs = serving_args(
+                    args.tracking_uri,
+                    args.model,
                     prediction_log={"uri": str(log_dir), "flush_interval_s": 0.5},
                     cache=cache,
                 )

@@ -28,10 +28,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, median, report
+from _common import ROOT, median, report, serving_args
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-QUEUE_ALL, QUEUE_WAIT_ALL = 2048, 3600.0  # measure the paths, not shedding (bench/edge.py measures that)
 TOPICS = {"input_topic": "bench-requests", "output_topic": "bench-results", "dead_letter_topic": "bench-dead"}
 CONSUMER = "StreamConsumer"
 
@@ -272,14 +271,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray_app.local import start_ray_head, stop_pids, stop_ray_head
     from ray_app.ports import free_port
     from ray_app.serve.app import build_app
-    from ray_app.serve.settings import ServeArgs
 
     temp = Path(tempfile.mkdtemp(prefix="rs-"))
     bootstrap = f"127.0.0.1:{free_port()}"
     broker_pid = broker.start_broker(int(bootstrap.rsplit(":", 1)[1]), temp / "broker")
     address, dashboard, pids = start_ray_head(temp / "ray", free_port(), free_port(), num_cpus=2)
     out: dict[str, Any] = {"http": [], "stream": [], "drills": []}
-    name, _, alias = args.model.partition("@")
     try:
         broker.create_topics(bootstrap, list(TOPICS.values()), broker.PARTITIONS)
         ray.init(address=address, logging_level="WARNING")
@@ -288,15 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stream = {"bootstrap_servers": bootstrap, **TOPICS, "group_id": f"bench-{uuid.uuid4().hex[:6]}"}
         stream |= {"max_in_flight": max(32, args.concurrency), "session_timeout_ms": args.session_timeout_ms}
         stream |= {"producer_batch_bytes": 1}
-        sargs = ServeArgs(
-            tracking_uri=args.tracking_uri,
-            model_name=name,
-            default_model=f"@{alias}" if alias else args.model,
-            max_queued_items=QUEUE_ALL,
-            max_queue_wait_s=QUEUE_WAIT_ALL,
-            api_key_env=None,
-            stream=stream,
-        )
+        sargs = serving_args(args.tracking_uri, args.model, stream=stream)
         serve.run(build_app(sargs), name="bench", route_prefix="/", logging_config={"enable_access_log": False})
         wait_ready(f"http://127.0.0.1:{port}/ready")
         handle = serve.get_deployment_handle(CONSUMER, "bench")
