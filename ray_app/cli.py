@@ -5,16 +5,23 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ray_app.cli_edges import (
+    ConfigOpt,
+    LabelsOpt,
+    ResultsFileOpt,
+    ResultsOpt,
+    SetOpt,
+    connect,
+    run_command,
+)
 from ray_app.config import AppConfig
-from ray_app.config_loader import load_config
-from ray_app.errors import AppError
-from ray_app.results import latest_train_results, read_train_results, write_results
+from ray_app.loop_cli import loop_app
+from ray_app.results import latest_train_results, read_train_results
 
 app = typer.Typer(
     add_completion=False,
@@ -25,15 +32,6 @@ app = typer.Typer(
 )
 log = logging.getLogger("ray_app")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="YAML config (configs/).")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override, repeatable: -s train.lr=3e-4")
-]
-ResultsOpt = Annotated[Path, typer.Option("--results-dir", metavar="DIR", help="Where the results JSON goes.")]
-ResultsFileOpt = Annotated[
-    Path | None, typer.Option("--results-file", metavar="FILE", help="The results JSON at exactly this path.")
-]
-
 
 def _version(show: bool) -> None:
     if show:
@@ -43,49 +41,12 @@ def _version(show: bool) -> None:
         raise typer.Exit()
 
 
-LabelsOpt = Annotated[Path | None, typer.Option(help="Labels for served requests (CSV/JSONL: request_id, item, label)")]
 VersionOpt = Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")]
 
 
 @app.callback()
 def _options(version: VersionOpt = False) -> None:
     """The options before the command."""
-
-
-def _run(
-    stage: str,
-    config: Path | None,
-    overrides: list[str] | None,
-    results_dir: Path,
-    body: Callable[[AppConfig], dict[str, Any]],
-    results_file: Path | None = None,
-    updates: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Shared edges: config (file, --set, then the command's own flags as typed `updates`), logging, error handling
-    and the results file."""
-    from ray_app.runtime import quiet_ray_data_console
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    quiet_ray_data_console()
-    started = time.perf_counter()
-    try:
-        cfg = load_config(config, overrides, updates)
-        payload = body(cfg)
-    except AppError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    payload.setdefault("duration_s", round(time.perf_counter() - started, 2))
-    write_results(stage, payload, results_dir, results_file)
-
-
-def _connect(cfg: AppConfig, ray: bool = True):
-    from ray_app.runtime import connect_ray, setup_mlflow
-
-    tracking = setup_mlflow(cfg)
-    if ray:
-        connect_ray(cfg)
-    return tracking
 
 
 @app.command()
@@ -102,13 +63,13 @@ def data(
 
         from ray_app.data import log_to_mlflow, prepare
 
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         splits = prepare(cfg.data)
         with mlflow.start_run(run_name="data") as run:
             log_to_mlflow(splits, cfg.data)
         return {"tracking_uri": tracking.uri, "run_id": run.info.run_id, "data": splits.report.to_dict()}
 
-    _run("data", config, set_, results_dir, body, results_file)
+    run_command("data", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -124,13 +85,13 @@ def train(
         from ray_app.data import prepare
         from ray_app.pipeline import run_training, training_run
 
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         splits = prepare(cfg.data)
         with training_run(cfg, tracking, splits, "train") as (run_id, name):
             result = run_training(cfg, tracking, splits, run_id, name)
         return {"tracking_uri": tracking.uri, "run_id": run_id, "train": result.to_dict()}
 
-    _run("train", config, set_, results_dir, body, results_file)
+    run_command("train", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -156,10 +117,10 @@ def register(
         if ckpt is None or rid is None:
             latest = read_train_results(train_results) if train_results else latest_train_results(results_dir)
             ckpt, rid = ckpt or latest["train"]["checkpoint_path"], rid or latest["run_id"]
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         return {"tracking_uri": tracking.uri, "model": register_trained(cfg, ckpt, rid).to_dict()}
 
-    _run("register", config, set_, results_dir, body, results_file)
+    run_command("register", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -176,10 +137,10 @@ def evaluate(
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.pipeline import evaluate_model
 
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         return {"tracking_uri": tracking.uri, **evaluate_model(cfg, model, data_file)}
 
-    _run("evaluate", config, set_, results_dir, body, results_file)
+    run_command("evaluate", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -190,11 +151,11 @@ def promote(config: ConfigOpt = None, set_: SetOpt = None, results_dir: ResultsO
         from ray_app.registry import aliases
         from ray_app.registry import promote as gate
 
-        tracking = _connect(cfg, ray=False)
+        tracking = connect(cfg, ray=False)
         decision = gate(cfg.registry)
         return {"tracking_uri": tracking.uri, **decision.to_dict(), "aliases": aliases(cfg.registry)}
 
-    _run("promote", config, set_, results_dir, body)
+    run_command("promote", config, set_, results_dir, body)
 
 
 @app.command()
@@ -205,10 +166,10 @@ def rollback(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
         from ray_app.registry import aliases
         from ray_app.registry import rollback as back
 
-        tracking = _connect(cfg, ray=False)
+        tracking = connect(cfg, ray=False)
         return {"tracking_uri": tracking.uri, **back(cfg.registry), "aliases": aliases(cfg.registry)}
 
-    _run("rollback", config, set_, results_dir, body)
+    run_command("rollback", config, set_, results_dir, body)
 
 
 @app.command("canary-report")
@@ -223,12 +184,12 @@ def canary_report(
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.canary_report import compare_aliases, format_report
 
-        tracking = _connect(cfg, ray=False)
+        tracking = connect(cfg, ray=False)
         result = compare_aliases(cfg, labels)
         typer.echo(format_report(result))
         return {"tracking_uri": tracking.uri, "model": cfg.registry.model_name, "log_uri": cfg.canary.log_uri, **result}
 
-    _run("canary-report", config, set_, results_dir, body)
+    run_command("canary-report", config, set_, results_dir, body)
 
 
 @app.command()
@@ -256,13 +217,13 @@ def replay(
         from ray_app.replay import replay as send
         from ray_app.runtime import secret_from_env
 
-        tracking = _connect(cfg, ray=False)
+        tracking = connect(cfg, ray=False)
         result = send(cfg, url, labels_out, secret_from_env(api_key_env), concurrency, shift)
         time.sleep(settle_s)  # so a `ray-app monitor` right after sees every replayed row in the log
         typer.echo(f"replayed {result.sent} rows to {url}: statuses {result.statuses}, accuracy {result.accuracy}")
         return {"tracking_uri": tracking.uri, **result.to_dict()}
 
-    _run("replay", config, set_, results_dir, body, results_file)
+    run_command("replay", config, set_, results_dir, body, results_file)
 
 
 @app.command()
@@ -282,13 +243,13 @@ def monitor(
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.monitor import check, format_summary
 
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         outcome.update(check(cfg, tracking.uri, model, labels))
         typer.echo(format_summary(outcome))
         return outcome
 
     window = {k: v for k, v in {"last_n": last_n, "minutes": minutes}.items() if v}
-    _run("monitor", config, set_, results_dir, body, updates={"monitor": window})
+    run_command("monitor", config, set_, results_dir, body, updates={"monitor": window})
     if outcome.get("breach"):
         raise typer.Exit(1)
 
@@ -313,7 +274,7 @@ def feedback(
                    f"not stored: {result['bad'] or 'none'}")  # fmt: skip
         return result
 
-    _run("feedback", config, set_, results_dir, body)
+    run_command("feedback", config, set_, results_dir, body)
 
 
 @app.command()
@@ -323,9 +284,9 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None, results_dir: Results
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.pipeline import run_pipeline
 
-        return run_pipeline(cfg, _connect(cfg))
+        return run_pipeline(cfg, connect(cfg))
 
-    _run("pipeline", config, set_, results_dir, body)
+    run_command("pipeline", config, set_, results_dir, body)
 
 
 @app.command()
@@ -343,9 +304,11 @@ def tune(
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.pipeline import run_tune
 
-        return run_tune(cfg, _connect(cfg))
+        return run_tune(cfg, connect(cfg))
 
-    _run("tune", config, set_, results_dir, body, results_file, updates={"tune": {"resume": True}} if resume else None)
+    run_command(
+        "tune", config, set_, results_dir, body, results_file, updates={"tune": {"resume": True}} if resume else None
+    )
 
 
 @app.command()
@@ -363,12 +326,12 @@ def batch(
     def body(cfg: AppConfig) -> dict[str, Any]:
         from ray_app.batch import run_batch
 
-        tracking = _connect(cfg)
+        tracking = connect(cfg)
         result = run_batch(cfg, model, input_, output, tracking.uri, overwrite=overwrite)
         typer.echo(result.summary())
         return {"tracking_uri": tracking.uri, **result.to_dict()}
 
-    _run("batch", config, set_, results_dir, body)
+    run_command("batch", config, set_, results_dir, body)
 
 
 @app.command("make-tiny-model")
@@ -389,6 +352,9 @@ def kuberay(
 
     changed = write_rayservice(serve_config, out)
     typer.echo(f"{out}: {'updated' if changed else 'up to date'}")
+
+
+app.add_typer(loop_app, name="loop")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ their loop config, to Tune trials with their values applied by `model_copy(updat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Any, ClassVar, Literal
 
@@ -243,6 +244,39 @@ class MonitorConfig(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
 
+class LoopConfig(Section):
+    """`ray-app loop start`: the controller that joins the monitor, the retrain, shadow, a canary ramp and the gate for
+    `registry.model_name` (docs/loop.md). The verdict at each step is `canary`'s, judged on the traffic since the step
+    began; at a canary step labels are required (`require_labels`)."""
+
+    app_name: str = Field("classifier", description="The Serve application whose traffic the loop changes.")
+    deployment: str = Field("Classifier", description="Its deployment holding `user_config.traffic`.")
+    dashboard_address: str = Field(
+        "http://127.0.0.1:8265",
+        description="The dashboard as the controller (on the head node) reaches it: Serve's REST API and the job API.",
+    )
+    experiment: str = Field("loop", description="MLflow experiment: one run per cycle, a nested run per step.")
+    check_every_s: float = Field(300, gt=0, description="Seconds between drift checks of the champion while idle.")
+    tick_s: float = Field(5, gt=0, description="Seconds between looks at a step's evidence (and the job's state).")
+    ramp: list[float] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5], min_length=1, description="Canary weights, in order."
+    )
+    step_timeout_s: float = Field(
+        1800, gt=0, description="A shadow or canary step that holds longer: traffic back to the champion, cycle held."
+    )
+    retrain_timeout_s: float = Field(3600, gt=0, description="A retrain job running longer is stopped; cycle failed.")
+    shadow_min_agreement: float = Field(
+        0.0, ge=0, le=1, description="Shadow agreement needed to leave shadow (a retrain on shifted data may differ)."
+    )
+    require_labels: bool = Field(True, description="A canary step waits for canary.min_labelled labelled answers.")
+
+    @model_validator(mode="after")
+    def _ramp_rises(self) -> LoopConfig:
+        if any(not 0 < w <= 1 for w in self.ramp) or any(b <= a for a, b in itertools.pairwise(self.ramp)):
+            raise ValueError(f"loop.ramp must rise strictly within (0, 1]: {self.ramp}")
+        return self
+
+
 class AppConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -256,6 +290,7 @@ class AppConfig(Section):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     @model_validator(mode="after")
     def _space_fits_its_keys(self) -> AppConfig:

@@ -48,8 +48,9 @@ def retrain_command(cfg: AppConfig, tracking_uri: str, name: str) -> list[str]:
     return ["ray-app", "pipeline", "--config", retrain.config, *[a for s in sets for a in ("--set", s)]]
 
 
-def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -> str:
-    """Submit the training pipeline as a Ray job (as `make run` does); its pipeline registers a new challenger."""
+def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str, submission_id: str | None = None) -> str:
+    """Submit the training pipeline as a Ray job (as `make run` does); its pipeline registers a new challenger. A
+    caller that must not submit twice (the loop, resuming) chooses the `submission_id` and records it first."""
     from ray.job_submission import JobSubmissionClient
 
     from ray_app.runtime import git_commit
@@ -65,7 +66,8 @@ def submit_retrain(cfg: AppConfig, tracking_uri: str, name: str, version: str) -
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env=runtime_env,
-            submission_id=f"retrain-{name}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}",  # named in the Jobs tab
+            # named in the Jobs tab
+            submission_id=submission_id or f"retrain-{name}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}",
             metadata={"ray_app": "retrain", "model": name, "drifted_version": version},
         )
     except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError

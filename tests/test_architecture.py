@@ -22,6 +22,12 @@ STAGES |= {
     "results",
     "deploy",
     "config_loader",
+    "cli_edges",
+    "loop",
+    "loop_actor",
+    "loop_cli",
+    "loop_state",
+    "traffic",
 }
 
 

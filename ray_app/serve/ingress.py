@@ -32,6 +32,7 @@ from ray_app.prediction_log import text_fields
 from ray_app.serve import schemas
 from ray_app.serve.api import api
 from ray_app.serve.edge import error_body
+from ray_app.serve.loop_status import loop_status
 from ray_app.serve.policy import NAMED, SHADOW, Guard, Route, choose
 from ray_app.serve.pool import ModelLoadError, ModelPool, ModelRefused, Overloaded
 from ray_app.serve.predlog import PredictionLog
@@ -135,6 +136,7 @@ class Ingress:
             raise ApiError(503, "registry_unavailable", str(exc), {"Retry-After": "5"}) from None
         replicas = await directory_for(serve.get_replica_context().app_name).snapshot.remote()
         return {
+            "loop": await loop_status(self.args.model_name),
             "model": self.args.model_name,
             "default_model": self.args.default_model,
             "policy": self.policy.model_dump(),

@@ -204,6 +204,10 @@ class Models(BaseModel):
     canary_taken_out: str | None = Field(description="Why the guard took the canary out, or null.")
     versions: list[VersionInfo]
     replicas: dict[str, ReplicaModels]
+    loop: dict[str, Any] = Field(
+        description="The closed loop of this model (`ray-app loop`): `state` (off, idle, checking, retraining, shadow, "
+        "canary N %, gate, promoted, rolled back, held, failed, stopped), the versions in its cycle, its last verdict."
+    )
 
 
 # ---- errors: status -> (codes, what they mean), per route ---------------------------------------------------------
