@@ -27,7 +27,6 @@ STAGES |= {
     "loop_actor",
     "loop_cli",
     "loop_state",
-    "traffic",
 }
 
 
