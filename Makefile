@@ -22,7 +22,7 @@ STREAM_PORT ?= 9092
 STREAM_PARTITIONS ?= 4
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor stream drift-demo prometheus repro stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor stream drift-demo loop loop-stop prometheus repro stop test lint lock clean tiny-model
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
@@ -31,6 +31,7 @@ help:
 	@echo "make monitor - Evidently drift + feedback accuracy of the served champion -> MLflow, Prometheus gauges"
 	@echo "make stream - a few requests through the broker's input topic; prints their results and a dead letter"
 	@echo "make drift-demo - send shifted traffic (titles only) and watch the monitor report the breach"
+	@echo "make loop   - the closed loop on the running head: drift check, retrain, shadow, canary, gate (make loop-stop)"
 	@echo "make prometheus - Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the running head, with the alert rules"
 	@echo "make repro  - dvc repro: the DVC pipeline (dvc.yaml: data, train, register, evaluate) on the running head"
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
@@ -125,6 +126,18 @@ drift-demo: up
 	    "submits the training pipeline as a Ray job."; \
 	  elif [ $$rc -eq 0 ]; then echo "drift-demo: no breach this time; the MLflow run shows each column's drift"; fi; \
 	  test $$rc -le 1
+
+# The closed loop (docs/loop.md): a controller actor on the head checks the champion every LOOP_CHECK_S and takes a
+# breach through retrain, shadow, the canary ramp and the gate. `make drift-demo` gives it a breach to act on.
+LOOP_CHECK_S ?= 300
+LOOP_SETS = --set mlflow.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) --set ray.address=127.0.0.1:$(RAY_PORT) \
+  --set loop.dashboard_address=http://127.0.0.1:$(DASHBOARD_PORT)
+loop: up
+	$(BIN)/ray-app loop start -c $(CONFIG) $(LOOP_SETS) --set loop.check_every_s=$(LOOP_CHECK_S)
+	@echo "loop: running; state in $(SERVE_URL)/models (field loop), the MLflow 'loop' experiment, ray-app loop status"
+
+loop-stop:
+	$(BIN)/ray-app loop stop -c $(CONFIG) $(LOOP_SETS)
 
 # Prometheus (Debian's package) against the running head: its service-discovery file in this head's temp dir, the
 # alert rules of monitoring/prometheus/; recorded in the services state, so `make stop` stops it.

@@ -42,9 +42,12 @@ class Controller:
 
     def __init__(self, cfg: AppConfig) -> None:
         import mlflow
+        from ray.data import DataContext
 
-        from ray_app.runtime import experiment_id
+        from ray_app.runtime import experiment_id, quiet_progress_bars
 
+        quiet_progress_bars()  # an actor has no terminal: every redraw would be a line in its log
+        DataContext.get_current().enable_progress_bars = False
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
         self.cfg = cfg
         self.model = cfg.registry.model_name

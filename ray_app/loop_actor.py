@@ -109,9 +109,14 @@ def start(cfg: AppConfig, challenger: str | None = None) -> dict[str, Any]:
 def _env() -> dict[str, str]:
     """The commit the retrains are tagged with, and the caller's token mode, so the controller's job and Serve
     clients send the Ray token as the caller's do; MLflow's "View run" line per step run left out of its log."""
+    from ray_app import RAY_DATA_LOGGING
     from ray_app.runtime import git_commit
 
-    env = {"RAY_APP_GIT_COMMIT": git_commit(), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # a line per step run
+    env = {
+        "RAY_APP_GIT_COMMIT": git_commit(),
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # not a "View run" line per step run
+        "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),  # the check's Ray Data plans to its log file only
+    }
     if os.environ.get("RAY_AUTH_MODE"):
         env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
     return env

@@ -13,10 +13,8 @@ import contextlib
 import json
 import os
 import subprocess
-import threading
 import time
 import uuid
-from collections import Counter
 
 import httpx
 import pandas as pd
@@ -33,12 +31,6 @@ from tests.conftest import ROOT, smoke_config
 from tests.serving import deploy_config, serve_deploy, wait_until
 
 KEY = "loop-key-" + uuid.uuid4().hex[:6]
-PERMUTE = {
-    "natural-language-processing": "mlops",
-    "mlops": "natural-language-processing",
-    "computer-vision": "other",
-    "other": "computer-vision",
-}
 
 
 # ---- units -----------------------------------------------------------------------------------------------------------
@@ -87,68 +79,25 @@ def test_the_ramp_must_rise_and_a_cycle_names_its_step() -> None:
 # ---- drills on the real thing ----------------------------------------------------------------------------------------
 
 
-class Traffic:
-    """Callers of the served app (a new X-User-Id each request, so the canary gets its share) whose true labels
-    arrive in the feedback store a moment later, the way `ray-app feedback` stores them."""
-
-    def __init__(self, base: str, cfg: AppConfig, rows: pd.DataFrame) -> None:
-        self.base, self.cfg, self.rows = base, cfg, rows
-        self.codes: Counter[int] = Counter()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from ray_app.feedback import append, join_labels, store_rows
-        from ray_app.prediction_log import read_recent
-
-        sent: list[dict] = []
-        with httpx.Client(base_url=self.base, headers={"X-API-Key": KEY}, timeout=60) as http:
-            while not self.stop.is_set():
-                row = self.rows.sample(1).iloc[0]
-                rid = uuid.uuid4().hex
-                body = {"title": row["title"], "description": row["description"]}
-                headers = {"X-Request-Id": rid, "X-User-Id": uuid.uuid4().hex}
-                self.codes[http.post("/predict", json=body, headers=headers).status_code] += 1
-                sent.append({"request_id": rid, "item": 0, "label": row["tag"]})
-                if len(sent) >= 20:
-                    time.sleep(0.6)  # the log's flush interval is 0.5 s
-                    labels = pd.DataFrame(sent)
-                    rows, _ = store_rows(join_labels(labels, read_recent(self.cfg.canary.log_uri)), self.cfg.data)
-                    append(self.cfg.data.feedback_uri, rows)
-                    sent = []
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(60)
-
-
 @pytest.fixture(scope="module")
 def loop_env(mlflow_server, ray_cluster, tiny_model, storage, tmp_path_factory):
     from ray import serve
 
+    from bench.loop import loop_settings, permuted_copy
     from ray_app.pipeline import run_pipeline
     from ray_app.runtime import connect_ray, setup_mlflow
 
     work = tmp_path_factory.mktemp("loop")
     tag = uuid.uuid4().hex[:6]
     data = pd.read_csv(ROOT / "data" / "projects" / "dataset.csv")
-    permuted = work / "permuted.csv"
-    data.assign(tag=data["tag"].map(PERMUTE)).to_csv(permuted, index=False)
-    log_dir, feedback = work / "predlog", work / "feedback"
+    log_dir = work / "predlog"
     retrain = [f"model.name_or_path={tiny_model}", f"train.storage_path={storage}", "data.max_rows=null"]
     sets = [
-        f"registry.model_name=loop-{tag}", "data.max_rows=null", f"data.feedback_uri={feedback}",
-        f"monitor.log_uri={log_dir}", "monitor.min_rows=20", f"monitor.experiment=monitoring-{tag}",
-        f"canary.log_uri={log_dir}", "canary.min_requests=20", "canary.min_labelled=10", "canary.max_p99_ms=5000",
-        f"loop.experiment=loop-{tag}", "loop.check_every_s=3600", "loop.tick_s=1", "loop.ramp=[0.25, 0.5]",
-        f"loop.dashboard_address={ray_cluster['dashboard']}", "monitor.retrain.config=configs/smoke.yaml",
-        f"monitor.retrain.working_dir={ROOT}", f"monitor.retrain.overrides={json.dumps(retrain)}",
+        f"registry.model_name=loop-{tag}", *loop_settings(work, ray_cluster["dashboard"], tag, smoke=True),
+        "monitor.retrain.config=configs/smoke.yaml", f"monitor.retrain.overrides={json.dumps(retrain)}",
     ]  # fmt: skip
     cfg = smoke_config(mlflow_server, ray_cluster["address"], tiny_model, storage, *sets)
+    permuted = permuted_copy(data, work / "permuted.csv")
     tracking = setup_mlflow(cfg)
     connect_ray(cfg)
     wrong = cfg.replace(data={"path": str(permuted)})
@@ -197,10 +146,9 @@ def _loop(http: httpx.Client) -> dict:
 
 
 def _steps(cfg: AppConfig, cycle_run_id: str) -> list[str]:
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(cfg.loop.experiment).experiment_id
-    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{cycle_run_id}'", order_by=["attributes.start_time"])
-    return [r.info.run_name for r in runs]
+    from bench.loop import step_runs
+
+    return [s["step"] for s in step_runs(cfg.loop.experiment, cycle_run_id)]
 
 
 def _replica_ids(dashboard: str) -> set[str]:
@@ -217,20 +165,17 @@ def test_drill_shifted_traffic_drives_the_loop_to_a_promotion_through_a_killed_c
     with no replica restarted, every request answered."""
     import ray
 
+    from bench.loop import Traffic, send_shifted
     from ray_app.loop_actor import start, with_explicit_paths
     from ray_app.loop_names import NAMESPACE, actor_name
-    from ray_app.replay import apply_shift
 
     env, cfg, http = loop_env, loop_env["cfg"], loop_env["http"]
     name, v1 = cfg.registry.model_name, env["permuted_version"]
-    shifted = apply_shift(env["data"].sample(60, random_state=1), cfg.data.text_columns, "titles-only")
-    for _, row in shifted.iterrows():
-        assert http.post("/predict", json={"title": row["title"], "description": row["description"]}).status_code == 200
-    time.sleep(1)  # flushed
+    send_shifted(env["base"], env["data"], cfg.data.text_columns, 60, KEY)
     replicas = _replica_ids(ray_cluster["dashboard"])
     assert _loop(http) == {"state": "off"}
     started = time.monotonic()
-    with Traffic(env["base"], cfg, env["data"]) as traffic:
+    with Traffic(env["base"], cfg, env["data"], KEY) as traffic:
         start(with_explicit_paths(cfg))
         refused = _cli(cfg, "start")
         assert refused.returncode == 2 and "a loop already runs for model" in refused.stderr, refused.stderr[-2000:]
@@ -265,11 +210,13 @@ def test_drill_a_challenger_trained_on_permuted_labels_is_rolled_back_on_the_lab
     """The permuted-label version put through the loop by hand (`loop start --challenger`) against the retrained
     champion: it passes shadow (fast, no errors), then the canary's labelled answers roll it back; the champion
     answers every request throughout."""
+    from bench.loop import Traffic
+
     env, cfg, http = loop_env, loop_env["cfg"], loop_env["http"]
     name, bad = cfg.registry.model_name, env["permuted_version"]
     champion = MlflowClient().get_model_version_by_alias(name, "champion").version
     assert champion != bad, "runs after the promotion drill"
-    with Traffic(env["base"], cfg, env["data"]) as traffic:
+    with Traffic(env["base"], cfg, env["data"], KEY) as traffic:
         started = _cli(cfg, "start", "--challenger", bad)
         assert started.returncode == 0, started.stderr[-3000:]
         final = wait_until(lambda: (s := _loop(http))["state"] == "rolled back" and s, 300, "rollback", interval=1)
