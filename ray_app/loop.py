@@ -105,6 +105,7 @@ class Controller:
         self.next_check = time.time() + self.cfg.loop.check_every_s
         cfg = self.cfg.replace(monitor={"on_breach": "report"})  # the loop submits the retrain itself, and waits
         try:
+            checked_at = time.time()
             results = check(cfg, self.cfg.mlflow.tracking_uri, "@champion")
         except AppError as exc:
             self.last = {"check": "skipped", "reason": str(exc)}
@@ -114,9 +115,9 @@ class Controller:
         if not results["breach"]:
             self.state = IDLE
             return
-        self._begin_cycle(results)
+        self._begin_cycle(results, checked_at)
 
-    def _begin_cycle(self, results: dict[str, Any]) -> None:
+    def _begin_cycle(self, results: dict[str, Any], checked_at: float) -> None:
         from ray_app.registry import aliases
 
         reasons = "; ".join(results["breach_reasons"])
@@ -124,7 +125,7 @@ class Controller:
         cycle.old_challenger = aliases(self.cfg.registry).get("challenger")
         cycle.job_id = f"loop-retrain-{self.model}-{cycle.run_id[:12]}"  # recorded before it is submitted
         self.record.save(cycle)
-        check_run = self.record.step_run(cycle, "check", {"monitoring_run_id": results["run_id"]})
+        check_run = self.record.step_run(cycle, "check", {"monitoring_run_id": results["run_id"]}, checked_at)
         self.record.log(check_run, {"drift_share": results["drift"]["share"], "rows": results["window"]["rows"]})
         self.record.end_step(check_run, "breach", reasons)
         self._enter(cycle, RETRAINING, {"job_id": cycle.job_id})

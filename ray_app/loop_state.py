@@ -83,7 +83,7 @@ class LoopRecord:
         self.client.set_tag(cycle.run_id, CYCLE_TAG, json.dumps(asdict(cycle)))
         self.client.set_tag(cycle.run_id, "loop_state", cycle.label)
 
-    def step_run(self, cycle: Cycle, name: str, tags: dict[str, str] | None = None) -> str:
+    def step_run(self, cycle: Cycle, name: str, tags: dict[str, str] | None = None, began: float | None = None) -> str:
         """The nested run of the cycle's current step: the recorded one when it is still running (a resumed step),
         else a new one; a step run left RUNNING by a controller killed between two writes is closed first."""
         if cycle.step_run_id:
@@ -94,6 +94,7 @@ class LoopRecord:
             self.client.set_terminated(run, "KILLED")
         run = self.client.create_run(
             self.experiment_id,
+            start_time=int((began or time.time()) * 1000),  # a check's run is opened once it has found the breach
             run_name=name,
             tags={MLFLOW_PARENT_RUN_ID: cycle.run_id, "loop_model": self.model, "loop_role": "step", **(tags or {})},
         )

@@ -151,6 +151,13 @@ def _steps(cfg: AppConfig, cycle_run_id: str) -> list[str]:
     return [s["step"] for s in step_runs(cfg.loop.experiment, cycle_run_id)]
 
 
+def _gauge(metrics_url: str, model: str, state: str) -> float | None:
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_app_loop_state{") and f'model="{model}"' in line and f'state="{state}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def _replica_ids(dashboard: str) -> set[str]:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -200,6 +207,8 @@ def test_drill_shifted_traffic_drives_the_loop_to_a_promotion_through_a_killed_c
     wait_until(lambda: http.post("/predict", json={"title": "x"}).json()["version"] == v2, 30, "the new champion")
     assert _replica_ids(ray_cluster["dashboard"]) == replicas  # no redeploy of the pool
     assert set(traffic.codes) == {200}, traffic.codes
+    wait_until(lambda: _gauge(ray_cluster["metrics"], name, "promoted") == 1.0, 90, "ray_app_loop_state", interval=2)
+    assert _gauge(ray_cluster["metrics"], name, "canary") == 0.0
     stopped = _cli(cfg, "stop")
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert _loop(http) == {"state": "off"}
