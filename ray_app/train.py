@@ -335,6 +335,7 @@ def build_trainer(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
             resources_per_worker=TrainingRequest.of(tc).per_worker,
+            placement_strategy=tc.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -351,6 +352,13 @@ def build_trainer(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+
+
+def checkpoint_uri(checkpoint, storage_path: str) -> str:
+    """Where a checkpoint is, as a URI that `Checkpoint(uri)` opens again in another process: Ray gives the path
+    inside its filesystem (`bucket/run/checkpoint_...` for S3), which alone would read as a local path."""
+    scheme = storage_path.split("://", 1)[0] if "://" in storage_path else ""
+    return f"{scheme}://{checkpoint.path}" if scheme and scheme != "file" else checkpoint.path
 
 
 def train(
@@ -388,7 +396,7 @@ def train(
         history = json.loads((Path(latest) / HISTORY_FILE).read_text())
     return TrainResult(
         run_name=run_name,
-        checkpoint_path=best.path,
+        checkpoint_path=checkpoint_uri(best, cfg.train.storage_path),
         best_metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))},
         history=history,
         duration_s=round(time.perf_counter() - started, 2),
