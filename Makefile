@@ -144,7 +144,7 @@ repro: up
 # multi-node cluster on one machine"): network namespaces as root, CLUSTER_NETNS=--no-netns for loopback aliases.
 CLUSTER_WORKERS ?= 1
 CLUSTER_NETNS ?=
-cluster-up: venv
+cluster-up: venv tiny-model
 	$(BIN)/python -m ray_app.cluster up --state $(RUN_DIR)/cluster.json --root $(RUN_DIR)/cluster \
 	  --workers $(CLUSTER_WORKERS) $(CLUSTER_NETNS)
 

@@ -270,14 +270,16 @@ def down(state: Path) -> None:
 
 
 def describe(cluster: Cluster) -> str:
-    workers = ", ".join(f"{n.ip}" + (f" (netns {n.namespace})" if n.namespace else "") for n in cluster.workers)
+    """Where everything is, and the command that runs the smoke pipeline on every node (`make tiny-model` first)."""
+    workers = ", ".join(n.ip + (f" (netns {n.namespace})" if n.namespace else "") for n in cluster.workers)
     return (
         f"Ray head {cluster.ray_address} (dashboard {cluster.dashboard_url}), workers {workers}\n"
         f"MLflow {cluster.mlflow_url}; S3 API {cluster.s3_endpoint}, bucket s3://{cluster.bucket}\n"
         f"RAY_AUTH_MODE=token ray job submit --address {cluster.dashboard_url} --working-dir . -- ray-app pipeline "
-        f"--config configs/smoke.yaml --set train.num_workers={1 + len(cluster.workers)} "
-        "--set train.cpus_per_worker=1 --set train.placement_strategy=STRICT_SPREAD "
-        f"--set train.storage_path=s3://{cluster.bucket}/ray_results"
+        f"--config configs/smoke.yaml --set model.name_or_path={Path('artifacts/tiny-bert').resolve()} "
+        f"--set train.num_workers={1 + len(cluster.workers)} --set train.cpus_per_worker=1 "
+        f"--set train.placement_strategy=STRICT_SPREAD --set train.storage_path=s3://{cluster.bucket}/ray_results "
+        f"--set mlflow.tracking_uri={cluster.mlflow_url}"
     )
 
 
@@ -291,7 +293,12 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=int, default=1)
     parser.add_argument("--no-netns", action="store_true", help="workers on loopback aliases (no root needed)")
     args = parser.parse_args()
+    if args.action == "status" and not args.state.exists():
+        raise SystemExit(f"no cluster is up ({args.state} does not exist)")
     if args.action == "up":
+        if not args.no_netns and (os.geteuid() != 0 or shutil.which("ip") is None):
+            raise SystemExit("network namespaces need root and iproute2's `ip`; without root, the same cluster on "
+                             "loopback aliases: `make cluster-up CLUSTER_NETNS=--no-netns`")  # fmt: skip
         if args.state.exists():
             raise SystemExit(f"{args.state} exists: a cluster is up (`make cluster-down` first)")
         root = args.root or Path(tempfile.mkdtemp(prefix="rayapp-cluster-"))
