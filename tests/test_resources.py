@@ -84,3 +84,16 @@ def test_shared_or_single_node_storage_is_accepted() -> None:
     assert storage_problem(1, "~/ray_results", shared_filesystem=False) is None  # one node: its disk is shared
     assert storage_problem(2, "s3://bucket/ray_results", shared_filesystem=False) is None
     assert storage_problem(2, "/mnt/nfs/ray_results", shared_filesystem=True) is None  # NFS, said explicitly
+
+
+def test_a_checkpoint_on_s3_is_named_by_a_uri_that_opens_again() -> None:
+    """Ray gives an S3 checkpoint's path without its scheme; alone it would read as a local path."""
+    from types import SimpleNamespace
+
+    from ray_app.train import checkpoint_uri
+
+    on_s3 = SimpleNamespace(path="ray-app/ray_results/run/checkpoint_1")
+    assert checkpoint_uri(on_s3, "s3://ray-app/ray_results") == "s3://ray-app/ray_results/run/checkpoint_1"
+    local = SimpleNamespace(path="/home/u/ray_results/run/checkpoint_1")
+    assert checkpoint_uri(local, "~/ray_results") == local.path
+    assert checkpoint_uri(local, "file:///home/u/ray_results") == local.path
