@@ -46,15 +46,15 @@ def _link_bytes(link: str) -> int:
     return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
-def submit_pipeline(cluster: Cluster, model: Path, *overrides: str) -> tuple[str, str, str]:
-    """`ray-app pipeline` on the smoke config as a Ray job with this repository as its working dir; (status, logs,
-    the driver's Ray job id)."""
+def submit_pipeline(cluster: Cluster, model: Path, experiment: str, *overrides: str) -> tuple[str, str, str]:
+    """`ray-app pipeline` on the smoke config as a Ray job with this repository as its working dir, logging to its
+    own MLflow experiment; (status, logs, the driver's Ray job id)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     sets = [
         f"model.name_or_path={model}",
         f"mlflow.tracking_uri={cluster.mlflow_url}",
-        f"mlflow.experiment=cluster-{uuid.uuid4().hex[:8]}",
+        f"mlflow.experiment={experiment}",
         f"registry.model_name=cluster-{uuid.uuid4().hex[:6]}",
         "train.num_workers=2",
         "train.cpus_per_worker=1",
@@ -93,7 +93,10 @@ def test_the_pipeline_trains_on_two_nodes_with_checkpoints_on_s3_and_artifacts_i
     prefix = f"ray_results-{uuid.uuid4().hex[:6]}"
     before = _link_bytes(cluster.workers[0].link)
     started = time.monotonic()
-    status, logs, job_id = submit_pipeline(cluster, tiny_model, f"train.storage_path=s3://{cluster.bucket}/{prefix}")
+    experiment_name = f"cluster-{uuid.uuid4().hex[:8]}"
+    status, logs, job_id = submit_pipeline(
+        cluster, tiny_model, experiment_name, f"train.storage_path=s3://{cluster.bucket}/{prefix}"
+    )
     print(f"CLUSTER pipeline job: {time.monotonic() - started:.0f} s, {status}")
     assert status == "SUCCEEDED", logs[-4000:]
     # STRICT_SPREAD: one Train worker on the head, one on the worker node, each by its own node IP
@@ -108,7 +111,7 @@ def test_the_pipeline_trains_on_two_nodes_with_checkpoints_on_s3_and_artifacts_i
     assert any(k.endswith("/train_state.pt") for k in keys), keys
 
     client = mlflow.MlflowClient(cluster.mlflow_url)
-    experiment = next(e for e in client.search_experiments() if e.name.startswith("cluster-"))
+    experiment = client.get_experiment_by_name(experiment_name)
     (run,) = client.search_runs([experiment.experiment_id], max_results=1)
     assert run.data.tags["checkpoint_path"].startswith(f"s3://{cluster.bucket}/{prefix}/")
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
@@ -122,9 +125,10 @@ def test_a_local_storage_path_on_two_nodes_fails_before_training_naming_the_sett
     cluster: Cluster, tiny_model: Path, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    status, logs, job_id = submit_pipeline(cluster, tiny_model, f"train.storage_path={tmp_path / 'results'}")
+    storage = f"train.storage_path={tmp_path / 'results'}"
+    status, logs, job_id = submit_pipeline(cluster, tiny_model, f"cluster-{uuid.uuid4().hex[:8]}", storage)
     print(f"CLUSTER local-storage job: {time.monotonic() - started:.0f} s, {status}")
-    assert status == "FAILED"
+    assert status == "FAILED" and job_id  # the driver ran: the refusal is the app's, not a failed job start
     assert (
         f"error: train.storage_path='{tmp_path / 'results'}' is a local path, but the Ray cluster has 2 nodes" in logs
     )
