@@ -29,6 +29,7 @@ from ray_app.resources import (
     start_timeout_error,
     worker_threads,
 )
+from ray_app.storage import checkpoint_uri
 from ray_app.train_batches import TrimPadding, length_bucketed
 
 log = logging.getLogger("ray_app")
@@ -354,13 +355,6 @@ def build_trainer(
     )
 
 
-def checkpoint_uri(checkpoint, storage_path: str) -> str:
-    """Where a checkpoint is, as a URI that `Checkpoint(uri)` opens again in another process: Ray gives the path
-    inside its filesystem (`bucket/run/checkpoint_...` for S3), which alone would read as a local path."""
-    scheme = storage_path.split("://", 1)[0] if "://" in storage_path else ""
-    return f"{scheme}://{checkpoint.path}" if scheme and scheme != "file" else checkpoint.path
-
-
 def train(
     cfg: AppConfig,
     splits: Splits,
@@ -396,7 +390,7 @@ def train(
         history = json.loads((Path(latest) / HISTORY_FILE).read_text())
     return TrainResult(
         run_name=run_name,
-        checkpoint_path=checkpoint_uri(best, cfg.train.storage_path),
+        checkpoint_path=checkpoint_uri(best.path, cfg.train.storage_path),
         best_metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))},
         history=history,
         duration_s=round(time.perf_counter() - started, 2),

@@ -88,12 +88,11 @@ def test_shared_or_single_node_storage_is_accepted() -> None:
 
 def test_a_checkpoint_on_s3_is_named_by_a_uri_that_opens_again() -> None:
     """Ray gives an S3 checkpoint's path without its scheme; alone it would read as a local path."""
-    from types import SimpleNamespace
+    from ray_app.storage import checkpoint_uri
 
-    from ray_app.train import checkpoint_uri
-
-    on_s3 = SimpleNamespace(path="ray-app/ray_results/run/checkpoint_1")
-    assert checkpoint_uri(on_s3, "s3://ray-app/ray_results") == "s3://ray-app/ray_results/run/checkpoint_1"
-    local = SimpleNamespace(path="/home/u/ray_results/run/checkpoint_1")
-    assert checkpoint_uri(local, "~/ray_results") == local.path
-    assert checkpoint_uri(local, "file:///home/u/ray_results") == local.path
+    in_bucket = "ray-app/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(in_bucket, "s3://ray-app/ray_results") == "s3://ray-app/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(f"s3://{in_bucket}", "s3://ray-app/ray_results") == f"s3://{in_bucket}"  # once only
+    local = "/home/u/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(local, "~/ray_results") == local
+    assert checkpoint_uri(local, "file:///home/u/ray_results") == local
