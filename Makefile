@@ -22,7 +22,8 @@ STREAM_PORT ?= 9092
 STREAM_PARTITIONS ?= 4
 SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 
-.PHONY: help venv run up serve replay monitor stream drift-demo loop loop-stop prometheus repro stop test lint lock clean tiny-model
+.PHONY: help venv run up serve replay monitor stream drift-demo loop loop-stop prometheus repro stop test lint lock \
+  clean tiny-model cluster-up cluster-down
 
 help:
 	@echo "make run    - venv, install, start Ray head + MLflow server, submit the pipeline with ray job submit"
@@ -37,6 +38,7 @@ help:
 	@echo "make test   - the test suite (starts its own Ray heads and MLflow servers on free ports)"
 	@echo "make lint   - ruff"
 	@echo "make stop   - stop the Ray head, MLflow server and broker that make run started"
+	@echo "make cluster-up / cluster-down - a head + worker node(s) on this machine, S3 API, MLflow (docs/cluster.md)"
 	@echo "make lock   - regenerate constraints.txt from the current venv (deliberately)"
 	@echo "make clean  - stop, then remove the venv, results and local MLflow data"
 
@@ -151,6 +153,17 @@ repro: up
 	  MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
+# A head and CLUSTER_WORKERS worker nodes on this machine, each its own `ray start` and node IP (docs/cluster.md, "A
+# multi-node cluster on one machine"): network namespaces as root, CLUSTER_NETNS=--no-netns for loopback aliases.
+CLUSTER_WORKERS ?= 1
+CLUSTER_NETNS ?=
+cluster-up: venv tiny-model
+	$(BIN)/python -m ray_app.cluster up --state $(RUN_DIR)/cluster.json --root $(RUN_DIR)/cluster \
+	  --workers $(CLUSTER_WORKERS) $(CLUSTER_NETNS)
+
+cluster-down:
+	@test -x $(BIN)/python && $(BIN)/python -m ray_app.cluster down --state $(RUN_DIR)/cluster.json || echo "nothing to stop"
+
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m ray_app.local down --state $(STATE) || echo "nothing to stop"
 
@@ -163,8 +176,8 @@ lint: venv
 
 lock: venv
 	{ $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; echo "$(TORCH)"; \
-	  grep -E '^(boto3|botocore|jmespath|psycopg2-binary|s3transfer)==' constraints.txt; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt  # the cluster extra's pins are kept: it is not installed here
+	  grep -E '^psycopg2-binary==' constraints.txt; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt  # the cluster extra's pin is kept: it is not installed here (boto3 is, by moto)
 
 clean: stop
 	rm -rf $(VENV) results $(RUN_DIR) artifacts .pytest_cache .ruff_cache

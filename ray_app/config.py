@@ -114,6 +114,13 @@ class TrainConfig(Section):
     storage_path: str = Field(
         "~/ray_results", description="Checkpoint storage; must be shared storage (s3://, NFS) on a multi-node cluster."
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="storage_path is a local path that every node mounts (NFS): allowed on a multi-node cluster.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers; STRICT_SPREAD puts each on a different node."
+    )
     resume: bool = Field(True, description="Re-running an unfinished run with the same config continues it.")
     seed: int = 0
 

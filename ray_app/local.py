@@ -62,9 +62,9 @@ def wait_http(url: str, timeout: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _wait_port(port: int, timeout: float) -> None:
+def _wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
-    while not port_open(port):
+    while not port_open(port, host):
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s")
         time.sleep(0.5)
@@ -81,6 +81,9 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1", admin: Credenti
     admin, MLflow's own authentication (registry_auth.py): every request then needs a user."""
     root.mkdir(parents=True, exist_ok=True)
     auth = ["--app-name", AUTH_APP] if admin else []
+    # Another address than loopback (a multi-node cluster's head): MLflow's DNS-rebinding guard accepts private
+    # addresses but not a loopback alias (127.0.0.2); name exactly the one it is reached at.
+    auth += ["--allowed-hosts", f"{host},{host}:{port}"] if host != "127.0.0.1" else []
     env = {**os.environ, **(server_env(root, admin) if admin else {})}
     log = open(root / "mlflow-server.log", "ab")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(
@@ -133,11 +136,14 @@ def start_ray_head(
     env: dict[str, str] | None = None,
     metrics_port: int | None = None,
     serve_ports: ServePorts | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[str, str, list[int]]:
     """`ray start --head` bound to loopback in its own temp dir; returns (GCS address, dashboard URL, pids).
 
     `metrics_port` fixes where Prometheus scrapes this node's metrics (Serve's included): http://HOST:PORT/metrics.
-    `serve_ports`: where Serve's fast path listens (a free block when not given).
+    `serve_ports`: where Serve's fast path listens (a free block when not given). `host`: the address the head is
+    reached at and names itself by (`--node-ip-address`); another one than loopback for a multi-node cluster
+    (cluster.py), where worker nodes must reach the GCS and the dashboard.
     """
     temp_dir.mkdir(parents=True, exist_ok=True)
     agent_port, client_port = free_port(), free_port()
@@ -146,7 +152,8 @@ def start_ray_head(
         "start",
         "--head",
         f"--port={port}",
-        "--dashboard-host=127.0.0.1",
+        f"--dashboard-host={host}",
+        *([f"--node-ip-address={host}"] if host != "127.0.0.1" else []),
         f"--dashboard-port={dashboard_port}",
         f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir.resolve()}",
@@ -160,7 +167,7 @@ def start_ray_head(
     # RAY_ADDRESS for every process of this cluster: Ray internals that call the state API without an address (Train
     # V2's PlacementGroupCleaner) otherwise fail with "Found multiple active Ray instances" when another cluster runs
     # on the machine, and a Tune trial stopped by ASHA then leaks its workers' placement group (the next trial hangs).
-    own = {"PATH": path, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    own = {"PATH": path, "RAY_ADDRESS": f"{host}:{port}"}
     defaults = {**serve_fast_path(serve_ports or free_serve_ports()), "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
     full_env = {**defaults, **os.environ, **own, **(env or {})}
     ensure_auth_token(full_env)
@@ -169,19 +176,19 @@ def start_ray_head(
     except subprocess.SubprocessError:  # a start that failed half-way (a busy machine) leaves a GCS and dashboard
         stop_ray_head(temp_dir)
         raise
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    dashboard = f"http://{host}:{dashboard_port}"
     try:
         wait_http(f"{dashboard}/api/version", 180)
         # `ray job submit` needs the head's dashboard agent too, and the dashboard waits only 10 s for it: on a busy
         # machine the agent comes up later than the dashboard, so wait for its port as well.
-        _wait_port(agent_port, 120)
+        _wait_port(agent_port, 120, host)
     except RuntimeError:
         stop_ray_head(temp_dir)
         raise
     # Ray Client's proxy names no temp dir on its command line, and `ray start` (its parent) has exited: find it by
     # its port, or it outlives the cluster
     pids = pids_of(str(temp_dir.resolve())) + pids_of(f"ray.util.client.server .*--port={client_port} ")
-    return f"127.0.0.1:{port}", dashboard, sorted(set(pids))
+    return f"{host}:{port}", dashboard, sorted(set(pids))
 
 
 def with_descendants(pids: list[int]) -> list[int]:

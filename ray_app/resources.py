@@ -88,6 +88,24 @@ def waiting_for(request: TrainingRequest, available: dict[str, float], total: di
     )
 
 
+def is_local_path(storage_path: str) -> bool:
+    return "://" not in storage_path or storage_path.startswith("file://")
+
+
+def storage_problem(alive_nodes: int, storage_path: str, shared_filesystem: bool) -> str | None:
+    """Why checkpoints cannot go to `storage_path` on this cluster, or None. On more than one node a local path is
+    each node's own disk: a worker elsewhere writes its checkpoint where the driver never reads it, and Ray Train
+    fails only at the first checkpoint. A path every node mounts (NFS) is allowed when the config says so."""
+    if alive_nodes <= 1 or shared_filesystem or not is_local_path(storage_path):
+        return None
+    return (
+        f"train.storage_path={storage_path!r} is a local path, but the Ray cluster has {alive_nodes} nodes and each "
+        "has its own disk: set train.storage_path to shared storage (s3://BUCKET/PATH, with the endpoint and "
+        "credentials in every node's environment), or, if that path is a shared file system mounted on every node "
+        "(NFS), set train.shared_filesystem=true"
+    )
+
+
 def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
     import ray
 
@@ -96,9 +114,12 @@ def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
 
 
 def refuse_impossible(tc: TrainConfig) -> None:
-    """Raise, naming the request, the cluster's totals and the settings, before any data or worker work starts."""
+    """Raise, naming the request, the cluster's totals and the settings (or the storage that the cluster's nodes
+    cannot share), before any data or worker work starts."""
     total, nodes = _cluster()
-    reason = impossible(TrainingRequest.of(tc), total, nodes)
+    reason = storage_problem(len(nodes), tc.storage_path, tc.shared_filesystem) or impossible(
+        TrainingRequest.of(tc), total, nodes
+    )
     if reason:
         raise AppError(reason)
 

@@ -29,6 +29,7 @@ from ray_app.resources import (
     start_timeout_error,
     worker_threads,
 )
+from ray_app.storage import checkpoint_uri
 from ray_app.train_batches import TrimPadding, length_bucketed
 
 log = logging.getLogger("ray_app")
@@ -335,6 +336,7 @@ def build_trainer(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
             resources_per_worker=TrainingRequest.of(tc).per_worker,
+            placement_strategy=tc.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -388,7 +390,7 @@ def train(
         history = json.loads((Path(latest) / HISTORY_FILE).read_text())
     return TrainResult(
         run_name=run_name,
-        checkpoint_path=best.path,
+        checkpoint_path=checkpoint_uri(best.path, cfg.train.storage_path),
         best_metrics={k: float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))},
         history=history,
         duration_s=round(time.perf_counter() - started, 2),

@@ -26,6 +26,7 @@ from ray_app.drills import FailureDrill
 from ray_app.errors import AppError
 from ray_app.resources import worker_threads
 from ray_app.runtime import Tracking
+from ray_app.storage import checkpoint_uri
 from ray_app.study import (
     CHECKPOINT_PATH_KEY,
     enqueue_first_points,
@@ -111,6 +112,21 @@ class TrackedOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
+def uri_report_callback(storage_path: str):
+    """Ray's TuneReportCallback, the checkpoint reported by its URI (storage.checkpoint_uri): with S3 storage Ray
+    reports `bucket/...` without the scheme, and the search's driver then finds no checkpoint to register."""
+    from types import SimpleNamespace
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class UriTuneReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            named = SimpleNamespace(path=checkpoint_uri(checkpoint.path, storage_path)) if checkpoint else None
+            super().after_report(run_context, metrics, named)
+
+    return UriTuneReportCallback()
+
+
 def apply_params(cfg: AppConfig, params: dict[str, Any]) -> AppConfig:
     """A copy of the config with the trial's values written to the keys they tune (lr -> train.lr, ...)."""
     sections: dict[str, dict[str, Any]] = {}
@@ -144,7 +160,6 @@ def run_trial(
     """One trial: the project's TorchTrainer with these values, logging to its own nested MLflow run (the same one
     again when a restored experiment starts this trial anew). `base` arrives validated; only the values change."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_app.train import build_trainer
 
@@ -172,7 +187,7 @@ def run_trial(
     wants_latency = LATENCY in cfg.tune.directions or cfg.tune.metric == LATENCY
     trainer = build_trainer(
         cfg, splits, f"trial-{parent_run_id[:8]}-{trial_id}", tracking.uri, child_id,
-        callbacks=[TuneReportCallback()], measure_latency=wants_latency,
+        callbacks=[uri_report_callback(cfg.train.storage_path)], measure_latency=wants_latency,
         drill=drill.for_trial(params) if drill else None,
     )  # fmt: skip
     trainer.fit()

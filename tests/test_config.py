@@ -53,6 +53,15 @@ def test_bad_value_names_key_and_value() -> None:
         load_config(None, ["registry.metric=auc"])
 
 
+def test_placement_strategy_is_one_of_rays() -> None:
+    assert load_config(None, ["train.placement_strategy=STRICT_SPREAD"]).train.placement_strategy == "STRICT_SPREAD"
+    assert AppConfig().train.placement_strategy == "PACK" and AppConfig().train.shared_filesystem is False
+    with pytest.raises(
+        AppError, match=r"train.placement_strategy: .*'PACK', 'SPREAD', 'STRICT_PACK' or 'STRICT_SPREAD'"
+    ):
+        load_config(None, ["train.placement_strategy=spread"])
+
+
 def test_label_set_consistency_is_checked() -> None:
     with pytest.raises(AppError, match="unknown_label"):
         load_config(None, ["data.unknown_label=misc"])

@@ -9,7 +9,7 @@ import yaml
 
 from ray_app.config import TrainConfig
 from ray_app.config_loader import load_config
-from ray_app.resources import TrainingRequest, impossible, waiting_for, worker_threads
+from ray_app.resources import TrainingRequest, impossible, storage_problem, waiting_for, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = {"CPU": 2.0, "memory": 1e10}
@@ -70,3 +70,29 @@ def test_the_default_retrain_fits_beside_the_default_app_at_its_largest() -> Non
     assert TrainingRequest.of(cfg.train).total()["CPU"] <= free
     assert cfg.data.cpus_per_task <= free
     assert worker_threads(cfg.train) == 2  # and it still computes on both cores
+
+
+def test_a_local_storage_path_on_several_nodes_names_the_setting_and_both_fixes() -> None:
+    reason = storage_problem(2, "~/ray_results", shared_filesystem=False)
+    assert reason is not None
+    assert "train.storage_path='~/ray_results' is a local path" in reason and "2 nodes" in reason
+    assert "s3://" in reason and "train.shared_filesystem=true" in reason
+    assert storage_problem(3, "file:///mnt/results", shared_filesystem=False) is not None  # a file:// URI is local too
+
+
+def test_shared_or_single_node_storage_is_accepted() -> None:
+    assert storage_problem(1, "~/ray_results", shared_filesystem=False) is None  # one node: its disk is shared
+    assert storage_problem(2, "s3://bucket/ray_results", shared_filesystem=False) is None
+    assert storage_problem(2, "/mnt/nfs/ray_results", shared_filesystem=True) is None  # NFS, said explicitly
+
+
+def test_a_checkpoint_on_s3_is_named_by_a_uri_that_opens_again() -> None:
+    """Ray gives an S3 checkpoint's path without its scheme; alone it would read as a local path."""
+    from ray_app.storage import checkpoint_uri
+
+    in_bucket = "ray-app/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(in_bucket, "s3://ray-app/ray_results") == "s3://ray-app/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(f"s3://{in_bucket}", "s3://ray-app/ray_results") == f"s3://{in_bucket}"  # once only
+    local = "/home/u/ray_results/run/checkpoint_1"
+    assert checkpoint_uri(local, "~/ray_results") == local
+    assert checkpoint_uri(local, "file:///home/u/ray_results") == local
