@@ -275,6 +275,12 @@ class LoopConfig(Section):
     shadow_min_agreement: float = Field(
         0.0, ge=0, le=1, description="Shadow agreement needed to leave shadow (a retrain on shifted data may differ)."
     )
+    shadow_max_p99_ms: float | None = Field(
+        None,
+        gt=0,
+        description="p99 limit on shadow answers; null: not judged in shadow (they wait behind the primary's pass in "
+        "the same replica, so their latency is the replica's load, not the version's; canary steps judge p99).",
+    )
     require_labels: bool = Field(True, description="A canary step waits for canary.min_labelled labelled answers.")
 
     @model_validator(mode="after")

@@ -187,12 +187,14 @@ class Controller:
         self._enter(cycle, SHADOW, {"challenger": challenger}, ended=ended)
 
     def _bar(self, cycle: Cycle) -> CanaryConfig:
-        """The canary bar of this step: in shadow only errors, latency and the shadow agreement can judge (labels
-        name the champion's answers); at a canary step labels are required (`loop.require_labels`)."""
+        """The canary bar of this step: in shadow only errors, the shadow agreement and `loop.shadow_max_p99_ms` judge
+        (labels name the champion's answers, and shadow latency is the replica's load); at a canary step labels are
+        required (`loop.require_labels`)."""
         if cycle.state == SHADOW:
-            return self.cfg.canary.model_copy(
-                update={"require_labels": False, "min_agreement": self.cfg.loop.shadow_min_agreement}
-            )
+            lc = self.cfg.loop
+            p99 = lc.shadow_max_p99_ms if lc.shadow_max_p99_ms is not None else float("inf")
+            update = {"require_labels": False, "min_agreement": lc.shadow_min_agreement, "max_p99_ms": p99}
+            return self.cfg.canary.model_copy(update=update)
         return self.cfg.canary.model_copy(update={"require_labels": self.cfg.loop.require_labels})
 
     def _evidence(self, cycle: Cycle) -> dict[str, Any] | None:
@@ -256,7 +258,8 @@ class Controller:
         self.record.close(cycle, outcome, reason)
         self.record.describe(cycle, f"{outcome}: {reason}")
         log.warning("loop %s: %s: %s", self.model, outcome, reason)
-        self.last = {"outcome": outcome, "reason": reason, "cycle_run_id": cycle.run_id, "challenger": cycle.challenger}
+        self.last = {"outcome": outcome, "reason": reason, "cycle_run_id": cycle.run_id, "challenger": cycle.challenger,
+                     "resumed": cycle.resumed}  # fmt: skip
         self.cycle, self.state = None, outcome
         self.next_check = time.time() + self.cfg.loop.check_every_s
 

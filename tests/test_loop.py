@@ -141,6 +141,11 @@ def _get(cfg: AppConfig, dotted: str):
     return value
 
 
+def _resumed(status: dict) -> dict | None:
+    """The status once a restarted controller has resumed its cycle (or already finished it)."""
+    return status if 1 in (status.get("resumed"), status.get("last", {}).get("resumed")) else None
+
+
 def _loop(http: httpx.Client) -> dict:
     return http.get("/models").json()["loop"]
 
@@ -186,11 +191,12 @@ def test_drill_shifted_traffic_drives_the_loop_to_a_promotion_through_a_killed_c
         start(with_explicit_paths(cfg))
         refused = _cli(cfg, "start")
         assert refused.returncode == 2 and "a loop already runs for model" in refused.stderr, refused.stderr[-2000:]
-        wait_until(lambda: _loop(http)["state"] == "canary 25 %", 900, "the loop at canary 25 %", interval=1)
+        wait_until(lambda: _loop(http)["state"] == "canary 25 %", 900, "the loop at canary 25 %", interval=0.2)
         killed_at = time.monotonic() - started
         ray.kill(ray.get_actor(actor_name(name), namespace=NAMESPACE), no_restart=False)  # a crash: Ray restarts it
-        wait_until(lambda: _loop(http).get("resumed") == 1, 120, "the restarted controller", interval=1)
-        assert _loop(http)["state"] == "canary 25 %"  # resumed where it was, not restarted from the top
+        resumed = wait_until(lambda: _resumed(_loop(http)), 120, "the restarted controller", interval=0.5)
+        # where it was or further (the step's evidence from before the kill still counts), never back at the top
+        assert resumed["state"] in ("canary 25 %", "canary 50 %", "gate", "promoted"), resumed
         final = wait_until(lambda: (s := _loop(http))["state"] == "promoted" and s, 600, "promoted", interval=1)
     took = time.monotonic() - started
     last = final["last"]
