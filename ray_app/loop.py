@@ -195,7 +195,8 @@ class Controller:
             p99 = lc.shadow_max_p99_ms if lc.shadow_max_p99_ms is not None else float("inf")
             update = {"require_labels": False, "min_agreement": lc.shadow_min_agreement, "max_p99_ms": p99}
             return self.cfg.canary.model_copy(update=update)
-        return self.cfg.canary.model_copy(update={"require_labels": self.cfg.loop.require_labels})
+        # agreement was shadow's question; shadow answers still in flight when the canary began must not hold it
+        return self.cfg.canary.model_copy(update={"require_labels": self.cfg.loop.require_labels, "min_agreement": 0.0})
 
     def _evidence(self, cycle: Cycle) -> dict[str, Any] | None:
         """The canary report over the traffic served since this step began."""
