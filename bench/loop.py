@@ -234,7 +234,8 @@ def main() -> None:
     start = median([c["start_to_decision_s"] for c in cycles])
     rows.append({"metric": "loop start -> decision (wall, check included): s", "retrain job": None, "loop": start})
     outcomes = dict(Counter(c["outcome"] for c in cycles))
-    report("loop", "retrain job", "loop", rows, args, {"outcomes": outcomes, "cycles": cycles})
+    name = f"loop-{Path(args.config).stem}"  # one results file per config
+    report(name, "retrain job", "loop", rows, args, {"outcomes": outcomes, "cycles": cycles})
 
 
 if __name__ == "__main__":
