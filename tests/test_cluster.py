@@ -79,8 +79,11 @@ def train_worker_ips(cluster: Cluster, ray_job_id: str) -> list[str]:
     """The node IP of every Ray Train worker actor of one job, from Ray's state API (dead actors stay listed)."""
     from ray.util.state import list_actors, list_nodes
 
-    ips = {n.node_id: n.node_ip for n in list_nodes(address=cluster.ray_address)}
-    actors = list_actors(address=cluster.ray_address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    # The dashboard's URL, not the GCS address: given a GCS address, Ray's state API re-points this process's global
+    # GCS client at that cluster (ray.dashboard.utils.ray_address_to_api_server_url), and once the cluster is torn
+    # down a test process still joined to its session head exits after 60 s of "GCS unavailable" (seen in a run).
+    ips = {n.node_id: n.node_ip for n in list_nodes(address=cluster.dashboard_url)}
+    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     return sorted(ips[a.node_id] for a in actors if a.job_id == ray_job_id)
 
 
