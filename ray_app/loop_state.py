@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
@@ -132,6 +131,3 @@ class LoopRecord:
 
     def describe(self, cycle: Cycle, text: str) -> None:
         self.client.set_tag(cycle.run_id, "mlflow.note.content", text)
-
-    def tags(self, run_id: str) -> dict[str, Any]:
-        return self.client.get_run(run_id).data.tags
