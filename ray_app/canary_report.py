@@ -83,7 +83,7 @@ def verdict(champion: dict[str, Any], challenger: dict[str, Any], agreement: flo
     n = challenger["requests"]
     if n and challenger["error_rate"] > cfg.max_error_rate:
         return ROLLBACK, f"challenger error rate {challenger['error_rate']:.3f} > {cfg.max_error_rate}"
-    if n >= cfg.min_requests and challenger["p99_ms"] > cfg.max_p99_ms:
+    if cfg.max_p99_ms is not None and n >= cfg.min_requests and challenger["p99_ms"] > cfg.max_p99_ms:
         return ROLLBACK, f"challenger p99 {challenger['p99_ms']:.0f} ms > {cfg.max_p99_ms} ms"
     quality = quality_verdict(champion, challenger, cfg)
     if quality is not None and quality[0] == ROLLBACK:

@@ -173,7 +173,7 @@ class CanaryConfig(Section):
     window_minutes: float | None = Field(60, gt=0, description="Only the last N minutes of the log; null: all.")
     min_requests: int = Field(50, ge=1, description="Fewer challenger requests than this: hold.")
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(250, gt=0)
+    max_p99_ms: float | None = Field(250, gt=0, description="Roll back above this p99; null: latency not judged.")
     min_agreement: float = Field(0.9, ge=0, le=1, description="Shadow mode: challenger must agree this often.")
     min_labelled: int = Field(
         30, ge=1, description="Labelled challenger answers (feedback store, --labels) before accuracy may decide."

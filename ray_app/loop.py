@@ -44,14 +44,14 @@ class Controller:
         import mlflow
         from ray.data import DataContext
 
-        from ray_app.runtime import experiment_id, quiet_progress_bars
+        from ray_app.runtime import quiet_progress_bars
 
         quiet_progress_bars()  # an actor has no terminal: every redraw would be a line in its log
         DataContext.get_current().enable_progress_bars = False
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
         self.cfg = cfg
         self.model = cfg.registry.model_name
-        self.record = LoopRecord(experiment_id(cfg.loop.experiment, cfg.mlflow.artifact_location), self.model)
+        self.record = LoopRecord.for_config(cfg)
         self.cycle: Cycle | None = self.record.open_cycle()
         if self.cycle is not None and self.cycle.step_run_id is not None:  # a step had begun: this is a restart
             self.cycle.resumed += 1
@@ -192,8 +192,11 @@ class Controller:
         required (`loop.require_labels`)."""
         if cycle.state == SHADOW:
             lc = self.cfg.loop
-            p99 = lc.shadow_max_p99_ms if lc.shadow_max_p99_ms is not None else float("inf")
-            update = {"require_labels": False, "min_agreement": lc.shadow_min_agreement, "max_p99_ms": p99}
+            update = {
+                "require_labels": False,
+                "min_agreement": lc.shadow_min_agreement,
+                "max_p99_ms": lc.shadow_max_p99_ms,
+            }
             return self.cfg.canary.model_copy(update=update)
         # agreement was shadow's question; shadow answers still in flight when the canary began must not hold it
         return self.cfg.canary.model_copy(update={"require_labels": self.cfg.loop.require_labels, "min_agreement": 0.0})
@@ -296,7 +299,6 @@ def hand_cycle(cfg: AppConfig, challenger: str) -> Cycle:
     from mlflow.tracking import MlflowClient
 
     from ray_app.registry import aliases
-    from ray_app.runtime import experiment_id
 
     name = cfg.registry.model_name
     try:
@@ -306,7 +308,7 @@ def hand_cycle(cfg: AppConfig, challenger: str) -> Cycle:
     champion = aliases(cfg.registry).get("champion")
     if champion is None or champion == challenger:
         raise AppError(f"model {name}: version {challenger} needs a champion other than itself to be compared with")
-    record = LoopRecord(experiment_id(cfg.loop.experiment, cfg.mlflow.artifact_location), name)
+    record = LoopRecord.for_config(cfg)
     if record.open_cycle() is not None:
         raise AppError(f"model {name} has an open loop cycle; `ray-app loop start` without --challenger resumes it")
     cycle = record.new_cycle(champion, SHADOW, list(cfg.loop.ramp), f"started by hand with version {challenger}")

@@ -101,7 +101,7 @@ def start(cfg: AppConfig, challenger: str | None = None) -> dict[str, Any]:
         actor = LoopActor.options(**options).remote(cfg)
     except ValueError:  # another start won the name between the look above and now
         if cycle is not None:
-            LoopRecord(cycle_experiment(cfg), cycle.model).close(cycle, FAILED, "another loop started first")
+            LoopRecord.for_config(cfg).close(cycle, FAILED, "another loop started first")
         raise _already(cfg) from None
     return ray.get(actor.status.remote(), timeout=60)
 
@@ -128,12 +128,6 @@ def _running(model_name: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def cycle_experiment(cfg: AppConfig) -> str:
-    from ray_app.runtime import experiment_id
-
-    return experiment_id(cfg.loop.experiment, cfg.mlflow.artifact_location)
 
 
 def _already(cfg: AppConfig) -> AppError:

@@ -18,6 +18,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from ray_app.config import AppConfig
 from ray_app.loop_names import CANARY, STOPPED
 
 CYCLE_TAG = "loop.cycle"
@@ -54,6 +55,13 @@ class LoopRecord:
         self.client = MlflowClient()
         self.experiment_id = experiment_id
         self.model = model
+
+    @classmethod
+    def for_config(cls, cfg: AppConfig) -> LoopRecord:
+        """The record of `registry.model_name` in `loop.experiment` (created on first use)."""
+        from ray_app.runtime import experiment_id
+
+        return cls(experiment_id(cfg.loop.experiment, cfg.mlflow.artifact_location), cfg.registry.model_name)
 
     def open_cycle(self) -> Cycle | None:
         """The newest cycle of this model whose run is still RUNNING: the one a restarted controller continues."""
