@@ -18,13 +18,16 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray_app.local import (
     BIN,
+    pids_of,
     start_mlflow,
     start_ray_head,
     stop_mlflow,
@@ -174,6 +177,33 @@ def start_worker(cluster: Cluster, node: WorkerNode, num_cpus: int) -> None:
     env = {**os.environ, "PATH": path, "RAY_ADDRESS": cluster.ray_address, **cluster.node_env(node.ifname)}
     Path(node.temp_dir).mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=120)
+
+
+def node_pids(node: WorkerNode) -> list[int]:
+    """Every process of one worker node: its namespace's, or (on a loopback alias) those naming its temp dir."""
+    if node.namespace:
+        return [int(p) for p in _ip("netns", "pids", node.namespace).split()]
+    return with_descendants(pids_of(str(Path(node.temp_dir).resolve())))
+
+
+def kill_node(node: WorkerNode) -> int:
+    """A machine lost, as Ray sees it: every process of the node (raylet, workers, agents) SIGKILLed at once, nothing
+    told to shut down. Returns how many there were; the namespace and its link stay, ready for `restart_node`."""
+    pids = node_pids(node)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while node_pids(node) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return len(pids)
+
+
+def restart_node(cluster: Cluster, node: WorkerNode, num_cpus: int) -> None:
+    """The lost machine back: a fresh `ray start` at the same address (a new node id to Ray), its old temp dir
+    (sockets and logs of the dead raylet) cleared first."""
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    start_worker(cluster, node, num_cpus)
 
 
 ALIVE_NODES = """
