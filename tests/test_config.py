@@ -101,3 +101,12 @@ def test_flags_arrive_typed_and_replace_copies_without_reparsing() -> None:
     assert (cfg.train.lr, cfg.tune.num_samples) == (1e-4, 2)  # the original is untouched
     with pytest.raises(AppError, match=r"tune\.resume"):
         load_config(None, updates={"tune": {"resume": "perhaps"}})
+
+
+def test_elastic_workers_and_label_selector_reach_ray_trains_shapes() -> None:
+    elastic = load_config(None, ["train.num_workers=2", "train.min_workers=1"]).train
+    assert elastic.scaling_workers() == (1, 2) and AppConfig().train.scaling_workers() == 1
+    selector = load_config(None, ['train.label_selector={"ray.io/node-id": "abc"}']).train.label_selector
+    assert selector == {"ray.io/node-id": "abc"} and AppConfig().train.label_selector is None
+    with pytest.raises(AppError, match=r"train.min_workers \(3\) exceeds train.num_workers \(2\)"):
+        load_config(None, ["train.num_workers=2", "train.min_workers=3"])
