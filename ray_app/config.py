@@ -82,12 +82,6 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     num_workers: int = Field(1, ge=1)
-    min_workers: int | None = Field(
-        None,
-        ge=1,
-        description="Elastic training: a run that loses nodes goes on from its last checkpoint with as few as this "
-        "many workers (and grows back to num_workers as nodes return); null: always exactly num_workers.",
-    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(
         0.5,
@@ -134,16 +128,6 @@ class TrainConfig(Section):
     )
     resume: bool = Field(True, description="Re-running an unfinished run with the same config continues it.")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _elastic_range(self) -> TrainConfig:
-        if self.min_workers is not None and self.min_workers > self.num_workers:
-            raise ValueError(f"train.min_workers ({self.min_workers}) exceeds train.num_workers ({self.num_workers})")
-        return self
-
-    def scaling_workers(self) -> int | tuple[int, int]:
-        """Ray Train's `num_workers`: a (min, max) range makes the run elastic."""
-        return self.num_workers if self.min_workers is None else (self.min_workers, self.num_workers)
 
     removed: ClassVar[dict[str, str]] = {
         "fail_after_epoch": "the failure drill is a test hook now (ray_app.drills.FailureDrill, passed to "

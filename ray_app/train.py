@@ -20,7 +20,6 @@ from ray_app.data import Splits, tokenize
 from ray_app.drills import FailureDrill
 from ray_app.epoch_logger import EpochLogger
 from ray_app.errors import AppError
-from ray_app.lr_schedule import continue_schedule, linear_schedule
 from ray_app.metrics import scores
 from ray_app.model import load_for_training, load_tokenizer, resolve_model_path
 from ray_app.resources import (
@@ -134,9 +133,7 @@ def latency_p50_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], devic
     return float(np.median(times) * 1000)
 
 
-def _save_checkpoint(
-    directory: Path, model, tokenizer, optimizer, scheduler, state: dict[str, Any], world: int = 1
-) -> None:
+def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: dict[str, Any]) -> None:
     model.save_pretrained(directory / MODEL_SUBDIR)
     tokenizer.save_pretrained(directory / MODEL_SUBDIR)
     torch.save(
@@ -145,7 +142,6 @@ def _save_checkpoint(
             "scheduler": scheduler.state_dict(),
             # dropout's random stream where this epoch left it: a resumed run continues exactly as an uninterrupted one
             "torch_rng": torch.get_rng_state(),
-            "world": world,  # the schedule's step count is in this many workers' steps
             **state,
         },
         directory / STATE_FILE,
@@ -168,7 +164,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` when Ray hands one back."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
     from ray_app.runtime import quiet_progress_bars
 
@@ -198,13 +194,12 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
 
     steps_per_epoch = math.ceil(math.ceil(loop.n_train / world) / cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, cfg.warmup_ratio, steps_per_epoch * cfg.epochs)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
-        if saved.get("world", world) != world:  # an elastic run resumed on fewer (or more) workers
-            continue_schedule(scheduler, state["epoch"] * steps_per_epoch)
         if rank == 0:
             log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
     weights = torch.tensor(loop.class_weights, device=device) if cfg.class_weighted_loss else None
@@ -266,7 +261,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
             logger.log(metrics, step=epoch)
             log.warning("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), raw_model, tokenizer, optimizer, scheduler, state, world)
+                _save_checkpoint(Path(tmp), raw_model, tokenizer, optimizer, scheduler, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -338,7 +333,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(
-            num_workers=tc.scaling_workers(),
+            num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
             resources_per_worker=TrainingRequest.of(tc).per_worker,
             placement_strategy=tc.placement_strategy,

@@ -6,7 +6,10 @@ SDK the CLI uses), with two Ray Train workers that must land on different nodes.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.cluster import Cluster, add_link, down, free_octets, remove_link, up
+from ray_app.cluster import (
+    Cluster,
+    add_link,
+    alive_node_ips,
+    down,
+    free_octets,
+    kill_node,
+    remove_link,
+    restart_node,
+    up,
+)
 from tests.conftest import ROOT
 
 pytestmark = [
@@ -26,6 +39,9 @@ pytestmark = [
     ),
 ]
 JOB_TIMEOUT_S = 300
+TOLERANCE = 0.02  # val F1 after a node loss against the uninterrupted run
+MLFLOW_DRILL_EPOCHS, OUTAGE_S = 16, 20
+EPOCHS = 6  # the reference run and the node-loss drill: an epoch to lose between the first two and the last
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +62,10 @@ def _link_bytes(link: str) -> int:
     return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
-def submit_pipeline(cluster: Cluster, model: Path, experiment: str, *overrides: str) -> tuple[str, str, str]:
-    """`ray-app pipeline` on the smoke config as a Ray job with this repository as its working dir, logging to its
-    own MLflow experiment; (status, logs, the driver's Ray job id)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def submit(cluster: Cluster, command: str, model: Path, experiment: str, *overrides: str) -> tuple[object, str]:
+    """`ray-app COMMAND` on the smoke config as a Ray job with this repository as its working dir, two Train workers
+    spread over the nodes, logging to its own MLflow experiment; later overrides win. (Jobs client, job id)."""
+    from ray.job_submission import JobSubmissionClient
 
     sets = [
         f"model.name_or_path={model}",
@@ -60,19 +76,30 @@ def submit_pipeline(cluster: Cluster, model: Path, experiment: str, *overrides: 
         "train.cpus_per_worker=1",
         "train.torch_threads=1",
         "train.placement_strategy=STRICT_SPREAD",
+        f"train.epochs={EPOCHS}",
         *overrides,
     ]
     client = JobSubmissionClient(cluster.dashboard_url)
-    job = client.submit_job(
-        entrypoint="ray-app pipeline --config configs/smoke.yaml " + " ".join(f"--set {s}" for s in sets),
-        runtime_env={"working_dir": str(ROOT)},
-    )
+    entrypoint = shlex.join(["ray-app", command, "--config", "configs/smoke.yaml", *(f"--set={s}" for s in sets)])
+    return client, client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+
+
+def wait_job(client, job: str) -> tuple[str, str, str]:
+    """(status, logs, the driver's Ray job id) once the job ended."""
+    from ray.job_submission import JobStatus
+
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, f"job {job} still {status} after {JOB_TIMEOUT_S}s"
+        if time.monotonic() > deadline:
+            client.stop_job(job)
+            pytest.fail(f"job {job} still {status} after {JOB_TIMEOUT_S}s:\n{client.get_job_logs(job)[-6000:]}")
         time.sleep(2)
     info = client.get_job_info(job)
     return str(status), client.get_job_logs(job), info.driver_info.id if info.driver_info else ""
+
+
+def submit_pipeline(cluster: Cluster, model: Path, experiment: str, *overrides: str) -> tuple[str, str, str]:
+    return wait_job(*submit(cluster, "pipeline", model, experiment, *overrides))
 
 
 def train_worker_ips(cluster: Cluster, ray_job_id: str) -> list[str]:
@@ -87,25 +114,57 @@ def train_worker_ips(cluster: Cluster, ray_job_id: str) -> list[str]:
     return sorted(ips[a.node_id] for a in actors if a.job_id == ray_job_id)
 
 
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster, tiny_model: Path) -> dict[str, object]:
+    """The pipeline as a user submits it to the cluster, uninterrupted: one test checks it, the node-loss drill
+    compares its val F1 with this run's (same config and seed)."""
+    prefix = f"ray_results-{uuid.uuid4().hex[:6]}"
+    before = _link_bytes(cluster.workers[0].link)
+    started = time.monotonic()
+    experiment = f"cluster-{uuid.uuid4().hex[:8]}"
+    status, logs, job_id = submit_pipeline(
+        cluster, tiny_model, experiment, f"train.storage_path=s3://{cluster.bucket}/{prefix}"
+    )
+    print(f"CLUSTER pipeline job: {time.monotonic() - started:.0f} s, {status}")
+    veth_bytes = _link_bytes(cluster.workers[0].link) - before
+    return {"status": status, "logs": logs, "job_id": job_id, "prefix": prefix, "experiment": experiment,
+            "veth_bytes": veth_bytes}  # fmt: skip
+
+
+def only_run(cluster: Cluster, experiment: str, timeout: float = 0):
+    """The one MLflow run of a job's experiment (waiting up to `timeout` for it to appear)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cluster.mlflow_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], max_results=2) if found else []
+        if runs or time.monotonic() >= deadline:
+            assert len(runs) == 1, f"{len(runs)} runs in {experiment}"
+            return runs[0]
+        time.sleep(0.5)
+
+
+def epoch_steps(cluster: Cluster, run_id: str, key: str = "train/loss") -> list[int]:
+    import mlflow
+
+    return sorted(m.step for m in mlflow.MlflowClient(cluster.mlflow_url).get_metric_history(run_id, key))
+
+
 def test_the_pipeline_trains_on_two_nodes_with_checkpoints_on_s3_and_artifacts_in_mlflow(
-    cluster: Cluster, tiny_model: Path
+    cluster: Cluster, reference: dict
 ) -> None:
     import boto3
     import mlflow
 
-    prefix = f"ray_results-{uuid.uuid4().hex[:6]}"
-    before = _link_bytes(cluster.workers[0].link)
-    started = time.monotonic()
-    experiment_name = f"cluster-{uuid.uuid4().hex[:8]}"
-    status, logs, job_id = submit_pipeline(
-        cluster, tiny_model, experiment_name, f"train.storage_path=s3://{cluster.bucket}/{prefix}"
-    )
-    print(f"CLUSTER pipeline job: {time.monotonic() - started:.0f} s, {status}")
+    status, logs, job_id, prefix = (reference[k] for k in ("status", "logs", "job_id", "prefix"))
+    experiment_name = reference["experiment"]
     assert status == "SUCCEEDED", logs[-4000:]
     # STRICT_SPREAD: one Train worker on the head, one on the worker node, each by its own node IP
     assert train_worker_ips(cluster, job_id) == sorted([cluster.head_ip, cluster.workers[0].ip])
     # and the traffic between them (DDP's all-reduce, data shards, the working dir) crossed the veth pair
-    assert _link_bytes(cluster.workers[0].link) - before > 1_000_000
+    assert reference["veth_bytes"] > 1_000_000
 
     s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, aws_access_key_id=cluster.access_key,
                       aws_secret_access_key=cluster.secret_key, region_name="us-east-1")  # fmt: skip
@@ -138,6 +197,123 @@ def test_a_local_storage_path_on_two_nodes_fails_before_training_naming_the_sett
     assert "train.shared_filesystem=true" in logs and "Traceback" not in logs
     assert "epoch 1" not in logs and train_worker_ips(cluster, job_id) == []
     assert not (tmp_path / "results").exists()
+
+
+def _back(cluster: Cluster) -> None:
+    """The killed worker node started again, and joined, for the tests after a drill."""
+    restart_node(cluster, cluster.workers[0], 1)
+    assert len(alive_node_ips(cluster.ray_address, 2, timeout=120)) == 2
+
+
+def test_drill_a_worker_node_killed_mid_training_goes_on_from_the_last_checkpoint(
+    cluster: Cluster, tiny_model: Path, reference: dict
+) -> None:
+    """Two workers, one per node: the worker node SIGKILLed once epoch 2 is in MLflow, and started again at once
+    (a replacement machine at the same address). Ray Train restarts the group on the head and the new node from the
+    last checkpoint; no finished epoch runs twice, none is lost, and the last epoch's val F1 is the uninterrupted
+    reference run's (same seed), within TOLERANCE. Without the node, the start would fail after train.start_timeout_s
+    instead of waiting for ever."""
+    experiment = f"cluster-drill-{uuid.uuid4().hex[:8]}"
+    storage = f"train.storage_path=s3://{cluster.bucket}/drill-{uuid.uuid4().hex[:6]}"
+    client, job = submit(cluster, "train", tiny_model, experiment, storage)
+    started = time.monotonic()
+    try:
+        run = only_run(cluster, experiment, timeout=JOB_TIMEOUT_S)
+        while max(epoch_steps(cluster, run.info.run_id), default=0) < 2:
+            assert time.monotonic() - started < JOB_TIMEOUT_S and client.get_job_status(job) == "RUNNING"
+            time.sleep(0.3)
+        killed_at = time.monotonic()
+        processes = kill_node(cluster.workers[0])
+    finally:
+        _back(cluster)
+    back_at = time.monotonic()
+    status, logs, job_id = wait_job(client, job)
+    finished_at = time.monotonic()
+    assert status == "SUCCEEDED", logs[-4000:]
+    resumed = [int(w) for w in re.findall(r"resuming from the checkpoint of epoch (\d+)", logs)]
+    assert len(resumed) == 1 and resumed[0] >= 2, logs[-4000:]
+    run_id = run.info.run_id
+    assert epoch_steps(cluster, run_id) == list(range(1, EPOCHS + 1))  # every epoch once: none lost or repeated
+    ips = train_worker_ips(cluster, job_id)  # dead actors stay listed: the first group, then the resumed one
+    assert ips == sorted([cluster.head_ip] * 2 + [cluster.workers[0].ip] * 2), ips
+    f1 = epoch_value(cluster, run_id, "val/f1_weighted", EPOCHS)
+    reference_run = only_run(cluster, reference["experiment"]).info.run_id
+    reference_f1 = epoch_value(cluster, reference_run, "val/f1_weighted", EPOCHS)
+    print(
+        f"DRILL train-node-loss: worker node killed ({processes} processes) {killed_at - started:.1f} s into the "
+        f"job, once epoch 2 of {EPOCHS} was in MLflow; node back {back_at - killed_at:.1f} s later; resumed from "
+        f"epoch {resumed[0]} on both nodes; job done {finished_at - killed_at:.1f} s after the kill; epochs in MLflow "
+        f"{epoch_steps(cluster, run_id)}; val F1 {f1:.4f} vs {reference_f1:.4f} uninterrupted "
+        f"(|diff| {abs(f1 - reference_f1):.4f}, tolerance {TOLERANCE})"
+    )
+    assert abs(f1 - reference_f1) <= TOLERANCE
+
+
+def epoch_value(cluster: Cluster, run_id: str, key: str, step: int) -> float:
+    import mlflow
+
+    history = mlflow.MlflowClient(cluster.mlflow_url).get_metric_history(run_id, key)
+    (value,) = [m.value for m in history if m.step == step]
+    return value
+
+
+def _nft(node_namespace: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", node_namespace, "nft", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="the MLflow drill drops a port with nftables' `nft`")
+def test_drill_mlflow_unreachable_from_the_worker_node_for_20s_loses_no_epoch(
+    cluster: Cluster, tiny_model: Path
+) -> None:
+    """The existing MLflow drill across nodes: the one Train worker (rank 0, which logs each epoch) on the worker
+    node, the tracking server on the head; its port dropped inside the worker's namespace only (Ray's own traffic
+    and the driver's MLflow calls from the head go on) for 20 s from the first epoch's metrics."""
+    from ray.util.state import list_nodes
+
+    node = cluster.workers[0]
+    (node_id,) = [n.node_id for n in list_nodes(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+                  if n.node_ip == node.ip]  # fmt: skip
+    experiment = f"cluster-mlflow-{uuid.uuid4().hex[:8]}"
+    client, job = submit(
+        cluster, "train", tiny_model, experiment, f"train.storage_path=s3://{cluster.bucket}/mlf-{uuid.uuid4().hex[:6]}",
+        "train.num_workers=1", "train.placement_strategy=PACK", f"train.epochs={MLFLOW_DRILL_EPOCHS}",
+        f'train.label_selector={{"ray.io/node-id": "{node_id}"}}',
+    )  # fmt: skip
+    port = cluster.mlflow_url.rsplit(":", 1)[1]
+    table = f"rayapp_drill_{uuid.uuid4().hex[:6]}"
+    run = only_run(cluster, experiment, timeout=JOB_TIMEOUT_S)
+    while not epoch_steps(cluster, run.info.run_id):
+        assert client.get_job_status(job) == "RUNNING", client.get_job_logs(job)[-4000:]
+        time.sleep(0.3)
+    _nft(node.namespace, "add", "table", "inet", table)
+    try:
+        _nft(node.namespace, "add", "chain", "inet", table, "out", "{ type filter hook output priority 0 ; }")
+        _nft(node.namespace, "add", "rule", "inet", table, "out", "ip", "daddr", cluster.head_ip, "tcp", "dport",
+             port, "drop")  # fmt: skip
+        dropped = time.time()
+        time.sleep(2)  # a batch already on the wire may land; after that nothing from the worker does
+        logged_at_drop = epoch_steps(cluster, run.info.run_id)
+        time.sleep(OUTAGE_S - 2)
+        assert epoch_steps(cluster, run.info.run_id) == logged_at_drop, "the worker still reached MLflow"
+    finally:
+        _nft(node.namespace, "delete", "table", "inet", table)
+    restored = time.time()
+    status, logs, job_id = wait_job(client, job)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert train_worker_ips(cluster, job_id) == [node.ip]
+    assert epoch_steps(cluster, run.info.run_id) == list(range(1, MLFLOW_DRILL_EPOCHS + 1))
+    import mlflow
+
+    times = [
+        m.timestamp / 1000
+        for m in mlflow.MlflowClient(cluster.mlflow_url).get_metric_history(run.info.run_id, "train/loss")
+    ]
+    during = sum(dropped <= t <= restored for t in times)
+    print(
+        f"DRILL mlflow-port-dropped-on-worker-node: {restored - dropped:.1f} s, {len(logged_at_drop)} epochs logged "
+        f"before; {MLFLOW_DRILL_EPOCHS} epochs, all in MLflow, {during} ended while the port was dropped"
+    )
+    assert during >= 1, "no epoch ended while MLflow was unreachable: the drill missed training"
 
 
 def test_a_worker_link_is_a_namespace_with_its_own_address_and_is_removed_completely() -> None:

@@ -103,10 +103,7 @@ def test_flags_arrive_typed_and_replace_copies_without_reparsing() -> None:
         load_config(None, updates={"tune": {"resume": "perhaps"}})
 
 
-def test_elastic_workers_and_label_selector_reach_ray_trains_shapes() -> None:
-    elastic = load_config(None, ["train.num_workers=2", "train.min_workers=1"]).train
-    assert elastic.scaling_workers() == (1, 2) and AppConfig().train.scaling_workers() == 1
+
+def test_label_selector_reaches_ray_trains_shape() -> None:
     selector = load_config(None, ['train.label_selector={"ray.io/node-id": "abc"}']).train.label_selector
     assert selector == {"ray.io/node-id": "abc"} and AppConfig().train.label_selector is None
-    with pytest.raises(AppError, match=r"train.min_workers \(3\) exceeds train.num_workers \(2\)"):
-        load_config(None, ["train.num_workers=2", "train.min_workers=3"])
