@@ -227,14 +227,16 @@ def node_loss(cluster: Cluster, load: Load, phase_s: float, timeout_s: float = 1
     back_at = time.monotonic()
     time.sleep(phase_s)
     end = time.monotonic()
-    around = load.between(kill_at, back_at) + [s for s in load.between(start, kill_at) if s.done > kill_at]
+    before = load.between(start, kill_at)
+    in_flight = [s for s in before if s.done > kill_at]  # sent before the kill, answered (or not) after it
+    around = in_flight + load.between(kill_at, back_at)
     return {
         "processes_killed": killed,
         "noticed_s": round(noticed, 1),
         "restart_s": round(back_at - restart_at, 1),
         "restored_s": round(back_at - kill_at, 1),
         "replica_start_s": round(restored, 1),
-        "before": phase_stats(load.between(start, kill_at), kill_at - start),
+        "before": phase_stats([s for s in before if s.done <= kill_at], kill_at - start),
         "outage": phase_stats(around, back_at - kill_at),
         "after": phase_stats(load.between(back_at, end), end - back_at),
         **failures(around + load.between(back_at, end), kill_at),
