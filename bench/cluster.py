@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -309,6 +310,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         return runs
     finally:
         down(state)
+        shutil.rmtree(root, ignore_errors=True)  # the MLflow store and the tiny model: nothing to keep
 
 
 def main() -> None:
