@@ -79,8 +79,17 @@ class Cluster:
         trials, the job driver) inherits it: where the S3 API is and how to sign for it (botocore and pyarrow's
         S3FileSystem both read AWS_ENDPOINT_URL), and where MLflow is. GLOO_SOCKET_IFNAME: torch's Gloo otherwise
         listens on the address the machine's host name resolves to, which no other namespace reaches (what a real
-        cluster sets to its nodes' network interface too)."""
+        cluster sets to its nodes' network interface too). Serve's own proxy on every node, not HAProxy (what
+        `ray_app.local` turns on where its binary exists): in HAProxy mode Ray 2.60 binds each replica's HTTP server
+        to `http_options.host`, which on a cluster is the head's address (no other node has it), and HAProxy
+        reaches a replica on its own node at 127.0.0.1, which a replica bound to the head's address does not
+        answer: every request was a 500. And no preference for replicas on the proxy's own node: with the proxy on
+        the head only, Serve's default sent every request to the head's replica and left the others idle
+        (docs/cluster.md, "Serving on the cluster")."""
         return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "0",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+            "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
             "GLOO_SOCKET_IFNAME": ifname,
             "AWS_ENDPOINT_URL": self.s3_endpoint,
             "AWS_ACCESS_KEY_ID": self.access_key,

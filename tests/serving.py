@@ -67,18 +67,23 @@ def deploy_config(
     port: int,
     tracking_uri: str,
     model_name: str,
-    log_dir: Path,
+    log_dir: Path | str,
     api_key: str,
     traffic: dict | None = None,
     stream: dict | None = None,
+    host: str | None = None,
+    classifier: dict | None = None,
     **args: Any,
 ) -> Path:
     """serve_config.yaml as shipped, pointed at this session's services and sized for a test. The stream consumer is
     off unless `stream` names a test's own broker (the shipped one points at `make run`'s), the prediction cache
     unless `args` turns it on (the tests of batching and shedding send one text again and again); `args`: more app
-    args."""
+    args. On a cluster: `host` is the proxy's address (the head's, not loopback), `classifier` replaces the Classifier
+    deployment's settings after the test sizing (num_replicas, max_replicas_per_node) and `log_dir` may be a URI."""
     conf = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     conf["http_options"]["port"] = port
+    if host is not None:
+        conf["http_options"]["host"] = host
     app = conf["applications"][0]
     app["args"].update(
         tracking_uri=tracking_uri,
@@ -99,6 +104,7 @@ def deploy_config(
         deployment["user_config"]["traffic"].update(traffic)
     deployment.pop("autoscaling_config")
     deployment["num_replicas"] = 1
+    deployment.update(classifier or {})
     path.write_text(yaml.safe_dump(conf, sort_keys=False))
     return path
 

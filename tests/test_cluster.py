@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,160 @@ def test_a_worker_link_is_a_namespace_with_its_own_address_and_is_removed_comple
         remove_link(node)
     assert node.namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not Path("/sys/class/net", node.link).exists()
+
+
+# ---- Serving and batch inference on the cluster --------------------------------------------------------------------
+# One registered version and one `serve deploy` for the tests below; the drill's pieces are bench/cluster.py's, which
+# runs the same drill longer and several times (`sudo .venv/bin/python bench/cluster.py`).
+
+SERVE_KEY = "cluster-key-" + uuid.uuid4().hex[:6]
+
+
+def _s3(cluster: Cluster):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=cluster.s3_endpoint, aws_access_key_id=cluster.access_key,
+                        aws_secret_access_key=cluster.secret_key, region_name="us-east-1")  # fmt: skip
+
+
+def _keys(cluster: Cluster, prefix: str) -> list[str]:
+    pages = _s3(cluster).get_paginator("list_objects_v2").paginate(Bucket=cluster.bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _read_parquet(cluster: Cluster, keys: list[str]):
+    import io
+
+    import pandas as pd
+
+    s3 = _s3(cluster)
+    frames = [pd.read_parquet(io.BytesIO(s3.get_object(Bucket=cluster.bucket, Key=k)["Body"].read())) for k in keys]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@pytest.fixture(scope="module")
+def champion(cluster: Cluster, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A real version of the tiny model in the cluster's MLflow, aliased champion: (name, version)."""
+    from bench.cluster import register_champion
+
+    started = time.monotonic()
+    _, name, version = register_champion(cluster, tiny_model, tmp_path_factory.mktemp("cluster-serve"))
+    print(f"CLUSTER register champion: {time.monotonic() - started:.0f} s")
+    return name, version
+
+
+@pytest.fixture(scope="module")
+def served(
+    cluster: Cluster, champion: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """serve_config.yaml deployed with the real `serve deploy`, one Classifier replica per node, the prediction log
+    on the bucket; shut down after the module (the drill shuts it down earlier, so later tests get the CPUs)."""
+    import httpx
+
+    from bench.cluster import deploy_on_cluster, serve_shutdown, wait_running
+    from ray_app.ports import free_port
+    from tests.serving import wait_until
+
+    prefix, started = f"predlog-{uuid.uuid4().hex[:6]}", time.monotonic()
+    work = tmp_path_factory.mktemp("cluster-deploy")
+    try:
+        base = deploy_on_cluster(cluster, champion[0], free_port(), SERVE_KEY, f"s3://{cluster.bucket}/{prefix}", work)
+        wait_running(cluster.dashboard_url, [cluster.head_ip, cluster.workers[0].ip], 240)
+        wait_until(
+            lambda: httpx.get(f"{base}/ready", headers={"X-API-Key": SERVE_KEY}).status_code == 200, 120, "ready"
+        )
+        print(f"CLUSTER serve deploy -> 2 replicas ready: {time.monotonic() - started:.0f} s")
+        yield {"base": base, "prefix": prefix, "version": champion[1]}
+    finally:
+        serve_shutdown(cluster.dashboard_url)
+
+
+def test_serve_deploy_runs_one_replica_on_each_node_and_both_log_predictions_to_s3(
+    cluster: Cluster, served: dict[str, str]
+) -> None:
+    """Serve's `max_replicas_per_node: 1` puts the two replicas on the two nodes (Serve's controller reports their
+    node IPs); requests through the head's proxy are answered; both replicas' prediction logs reach the bucket. The
+    log's rows name no replica or node: each replica writes its own files, named by a writer id of its own."""
+    from bench.cluster import Load, replicas
+    from tests.serving import wait_until
+
+    started = time.monotonic()
+    assert replicas(cluster.dashboard_url) == sorted([("RUNNING", cluster.head_ip), ("RUNNING", cluster.workers[0].ip)])
+    with Load(served["base"], SERVE_KEY, callers=4) as load:
+        time.sleep(3)
+    assert len(load.shots) >= 8 and {(s.status, s.version) for s in load.shots} == {(200, served["version"])}
+
+    def logged() -> tuple[list[str], Any] | None:  # a row per request, in files predictions-TIME-WRITER-N.parquet
+        keys = _keys(cluster, served["prefix"] + "/predictions-")
+        rows = _read_parquet(cluster, keys)
+        return (keys, rows) if len(rows) == len(load.shots) else None
+
+    keys, rows = wait_until(logged, 30, "a log row for every request")
+    assert len({k.rsplit("/", 1)[1].split("-")[2] for k in keys}) == 2  # both replicas wrote to the bucket
+    assert set(rows["model_version"]) == {served["version"]}
+    print(f"CLUSTER serve on two nodes: {len(load.shots)} requests, {len(rows)} log rows, "
+          f"{time.monotonic() - started:.0f} s")  # fmt: skip
+
+
+def test_serve_survives_the_worker_node_killed_under_load_and_gets_its_replica_back_after_restart(
+    cluster: Cluster, served: dict[str, str]
+) -> None:
+    """The worker node SIGKILLed mid-load: only requests in flight on it may fail, and none with a traceback; the
+    surviving replica on the head answers the rest. Restarted, the node gets its replica back (Serve's controller
+    places it, `max_replicas_per_node` keeps it off the head). Serve is shut down at the end: later tests need the
+    CPUs."""
+    from bench.cluster import Load, drill_line, node_loss, serve_shutdown
+
+    started = time.monotonic()
+    try:
+        with Load(served["base"], SERVE_KEY, callers=4) as load:
+            result = node_loss(cluster, load, phase_s=4, timeout_s=150)
+        print(drill_line(result), f"({time.monotonic() - started:.0f} s)")
+        print("DRILL details:", {k: result[k] for k in ("before", "outage", "after", "bodies")})
+    finally:
+        serve_shutdown(cluster.dashboard_url)
+    # Only requests already in flight at the kill may fail (a closed loop has at most `callers` of them), and
+    # with Serve's own plain-text error, never a traceback; every request sent after the kill is answered.
+    assert result["failed_sent_after_kill"] == 0 and result["failed"] <= 4, result
+    assert all("Traceback" not in body for body in result["bodies"]), result["bodies"]
+    assert result["before"]["failed"] == 0 and result["after"]["failed"] == 0 and result["after"]["req_s"] > 0
+
+
+def submit_batch(cluster: Cluster, model: str, input_uri: str, output_uri: str) -> tuple[str, str]:
+    """`ray-app batch` on the smoke config as a Ray job (working dir: this repository), reading and writing the
+    bucket; (status, logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sets = [f"mlflow.tracking_uri={cluster.mlflow_url}", "batch.torch_threads=1", "batch.batch_size=16"]
+    client = JobSubmissionClient(cluster.dashboard_url)
+    job = client.submit_job(
+        entrypoint=f"ray-app batch --model {model} --input {input_uri} --output {output_uri} "
+        "--config configs/smoke.yaml " + " ".join(f"--set {s}" for s in sets),
+        runtime_env={"working_dir": str(ROOT)},
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job} still {status} after {JOB_TIMEOUT_S}s"
+        time.sleep(1)
+    return str(status), client.get_job_logs(job)
+
+
+def test_batch_job_reads_its_input_from_s3_and_writes_predictions_to_s3(
+    cluster: Cluster, champion: tuple[str, str]
+) -> None:
+    """`ray-app batch` as a Ray job on the cluster: the input CSV uploaded to the bucket, the predictions written
+    there by whichever node runs the model actor (every node has the endpoint and keys), read back: one prediction
+    per input row, by the registered version."""
+    import pandas as pd
+
+    (name, version), prefix, started = champion, f"batch-{uuid.uuid4().hex[:6]}", time.monotonic()
+    rows = pd.read_csv(ROOT / "data" / "projects" / "dataset.csv").head(40)[["id", "title", "description"]]
+    _s3(cluster).put_object(Bucket=cluster.bucket, Key=f"{prefix}/in/projects.csv", Body=rows.to_csv(index=False))
+    base = f"s3://{cluster.bucket}/{prefix}"
+    status, logs = submit_batch(cluster, f"{name}/{version}", f"{base}/in/projects.csv", f"{base}/out")
+    print(f"CLUSTER batch job: {time.monotonic() - started:.0f} s, {status}")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "batch: 40 rows read, 40 predicted, 0 errors" in logs
+    out = _read_parquet(cluster, [k for k in _keys(cluster, f"{prefix}/out/predictions/") if k.endswith(".parquet")])
+    assert sorted(out["id"]) == sorted(rows["id"].astype(str)) and out["label"].notna().all()  # ids read as text
+    assert set(out["model_version"]) == {version} and f"{prefix}/out/errors.parquet" in _keys(cluster, prefix)
