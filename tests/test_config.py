@@ -103,7 +103,6 @@ def test_flags_arrive_typed_and_replace_copies_without_reparsing() -> None:
         load_config(None, updates={"tune": {"resume": "perhaps"}})
 
 
-
 def test_label_selector_reaches_ray_trains_shape() -> None:
     selector = load_config(None, ['train.label_selector={"ray.io/node-id": "abc"}']).train.label_selector
     assert selector == {"ray.io/node-id": "abc"} and AppConfig().train.label_selector is None
