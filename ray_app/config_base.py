@@ -14,8 +14,9 @@ DEFAULT_LABELS = ("natural-language-processing", "computer-vision", "mlops", "ot
 # Longest title or description: the data stage drops longer rows, batch inference reports them, serving refuses them.
 MAX_TEXT_CHARS = 2000
 
-# How a registered version runs on CPU (ray_app/backends.py): serving's `backend` setting names one of these.
-Backend = Literal["fp32", "torch-int8", "onnx-fp32", "onnx-int8"]
+# How a registered version runs (ray_app/backends.py): serving's `backend` setting names one of these; cuda-fp16 needs
+# a GPU replica, the others run on CPU (fp32 on the replica's GPU when it has one).
+Backend = Literal["fp32", "torch-int8", "onnx-fp32", "onnx-int8", "cuda-fp16"]
 
 
 class Section(BaseModel):

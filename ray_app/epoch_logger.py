@@ -39,7 +39,7 @@ class EpochLogger:
         self.run_id = run_id
         self.retry_s, self.flush_timeout_s = retry_s, flush_timeout_s
         self.failed_attempts = 0
-        self._queue: collections.deque[list[Any]] = collections.deque()
+        self._queue: collections.deque[tuple[list[Any], list[Any]]] = collections.deque()  # (metrics, tags)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         # This process is a Train worker and the thread below is its retry policy: MLflow's own retries (7, with
@@ -47,13 +47,22 @@ class EpochLogger:
         os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "1")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)  # the epoch's own time, whenever the batch reaches the server
+        self._put([Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()], [])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags from the worker (the device it trained on), queued and retried like the epochs' metrics."""
+        from mlflow.entities import RunTag
+
+        self._put([], [RunTag(k, v) for k, v in tags.items()])
+
+    def _put(self, metrics: list[Any], tags: list[Any]) -> None:
+        if self.client is None:
+            return
         with self._cond:
-            self._queue.append([Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
+            self._queue.append((metrics, tags))
             self._cond.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._send_forever, name="mlflow-epoch-logger", daemon=True)
@@ -65,13 +74,13 @@ class EpochLogger:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-                batch = self._queue[0]
+                batch, tags = self._queue[0]
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                self.client.log_batch(self.run_id, metrics=batch, tags=tags)
             except MlflowException as exc:
                 code = exc.get_http_status_code()
                 if 400 <= code < 500 and code != 429:  # refused for its content: retrying cannot help
-                    log.error("MLflow refused epoch metrics %s: %s", [m.key for m in batch], exc)
+                    log.error("MLflow refused epoch metrics %s: %s", [m.key for m in batch + tags], exc)
                 else:
                     self._failed(exc)
                     continue

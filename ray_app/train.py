@@ -210,6 +210,10 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if logger:  # what rank 0 really trained on: train.use_gpu only asks Ray for a GPU
+        cuda = device.type == "cuda"
+        name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        logger.set_tags({"train.device": f"{device} ({name})", "train.autocast": "bf16" if cuda else "off"})
 
     param_count = sum(p.numel() for p in raw_model.parameters())
     first_epoch = cfg.epochs + 1 if state["stopped"] else state["epoch"] + 1  # an early-stopped run stays stopped

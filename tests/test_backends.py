@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ray_app.backends import export_onnx, for_version, judge, onnx_classifier
+from ray_app.backends import export_onnx, for_version, half_precision, judge, onnx_classifier
+from ray_app.errors import AppError
 from ray_app.model import TextClassifier, load_for_training, load_tokenizer, quantize_int8, unexpected_load_keys
 from tests.conftest import smoke_config
 from tests.serving import EXAMPLE, register_version
@@ -45,6 +46,12 @@ def test_the_f1_limit_accepts_within_and_refuses_beyond(classifier) -> None:
     fast = quantize_int8(classifier)
     assert judge("torch-int8", fast, classifier, ROWS, ["title", "description"], max_drop=1.0).accepted
     assert not judge("torch-int8", fast, classifier, ROWS, ["title", "description"], max_drop=-1.0).accepted
+
+
+def test_cuda_fp16_on_a_model_that_is_not_on_a_gpu_is_refused_naming_the_setting(classifier) -> None:
+    """A replica without a GPU asked for cuda-fp16: no verdict (the pool then serves fp32 and logs this reason)."""
+    with pytest.raises(AppError, match="needs a GPU replica: set num_gpus"):
+        half_precision(classifier)
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ def test_run_holds_config_data_metrics_and_pictures(smoke_run) -> None:
         "false",
     }
     assert int(run.data.params["model.param_count"]) > 0
+    assert (run.data.tags["train.device"], run.data.tags["train.autocast"]) == ("cpu (cpu)", "off")  # use_gpu: false
     assert "Test: weighted F1" in run.data.tags["mlflow.note.content"]
     version = MlflowClient().get_model_version(cfg.registry.model_name, results["model"]["version"])
     assert f"Trained in MLflow run {run.info.run_id}" in version.description

@@ -121,6 +121,8 @@ def test_models_lists_versions_aliases_and_what_replicas_hold(app):
         return [m["model_id"] for r in replicas.values() for m in r["models"]]
 
     wait_until(lambda: f"{app['name']}/{app['v1']}" in held(), 30, "the champion in a replica's report")
+    replicas = app["http"].get("/models").json()["replicas"]
+    assert {m["device"] for r in replicas.values() for m in r["models"]} == {"cpu"}  # no GPU given (test_gpu.py: one)
 
 
 def test_routes_by_default_header_body_and_alias(app):

@@ -63,6 +63,7 @@ class Loaded:
     load_ms: float
     loaded_at: float = field(default_factory=time.time)
     on_unload: Any = None
+    device: str = "cpu"  # where its forward pass runs (cuda on a replica Ray gave a GPU)
 
     def __del__(self) -> None:
         if self.on_unload is not None:
@@ -70,7 +71,12 @@ class Loaded:
             self.on_unload = None
 
     def info(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "load_ms": round(self.load_ms, 1), "loaded_at": self.loaded_at}
+        return {
+            "model_id": self.model_id,
+            "load_ms": round(self.load_ms, 1),
+            "loaded_at": self.loaded_at,
+            "device": self.device,
+        }
 
 
 def _items(payloads: list[tuple[list[str], Any]]) -> int:
@@ -83,6 +89,7 @@ class ModelPool:
 
     def __init__(self, args: ServeArgs) -> None:
         import mlflow
+        import ray
         import torch
         from mlflow.tracking import MlflowClient
 
@@ -92,6 +99,12 @@ class ModelPool:
 
         self.args = args
         torch.set_num_threads(args.torch_threads)
+        # A GPU Ray assigned to this replica (ray_actor_options num_gpus; Ray sets CUDA_VISIBLE_DEVICES to it): every
+        # version loads onto it, and the predict path moves each batch to where the model is.
+        gpus = ray.get_gpu_ids()
+        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        if gpus and self.device.type == "cpu":
+            log.warning("Ray assigned GPU %s, but torch sees no CUDA device: serving on CPU", gpus)
         mlflow.set_tracking_uri(serve_tracking_uri(args.tracking_uri))
         self.resolver = Resolver(MlflowClient(), ttl_s=args.alias_ttl_s)
         self.loaded: dict[str, Loaded] = {}
@@ -149,6 +162,7 @@ class ModelPool:
             await self._check_lineage(model_id)
         try:
             classifier = await asyncio.to_thread(load_classifier, f"models:/{model_id}")
+            classifier.model.to(self.device)  # before any backend is made from it (cuda-fp16 needs it there)
             if self.args.backend != "fp32":
                 classifier = await asyncio.to_thread(self._backend_if_accepted, model_id, classifier)
             await asyncio.to_thread(classifier.predict_proba, ["warm up", "a second warm-up text"])
@@ -162,7 +176,7 @@ class ModelPool:
         load_ms = (time.perf_counter() - started) * 1000
         self.m_loads.inc(tags={"model_id": model_id, "outcome": "ok"})
         self.m_load_ms.observe(load_ms)
-        loaded = Loaded(model_id, classifier, load_ms, on_unload=self._forget)
+        loaded = Loaded(model_id, classifier, load_ms, on_unload=self._forget, device=str(classifier._device()))
         self.loaded[model_id] = loaded
         log.info("loaded %s in %.0f ms", model_id, load_ms)
         self._report()

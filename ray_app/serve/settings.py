@@ -189,8 +189,9 @@ class ServeArgs(Section):
     )
     backend: Backend = Field(
         "fp32",
-        description="How pool replicas run a version: fp32 (torch, as trained), torch-int8, onnx-fp32 or onnx-int8 "
-        "(ONNX Runtime). Used for a version only when its weighted F1 on the version's frozen test rows is within "
+        description="How pool replicas run a version: fp32 (torch, as trained; on the replica's GPU when it has "
+        "one), torch-int8, onnx-fp32 or onnx-int8 (ONNX Runtime) on CPU, or cuda-fp16 (half precision; a replica "
+        "with num_gpus). Used for a version only when its weighted F1 on the version's frozen test rows is within "
         "backend_max_f1_drop of fp32 (checked once per version, stored with it); fp32 otherwise.",
     )
     backend_max_f1_drop: float = Field(0.005, ge=0, le=1, description="Largest weighted-F1 drop a backend may have.")
