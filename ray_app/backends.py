@@ -43,7 +43,8 @@ class OnnxClassifier(TextClassifier):
     def labels(self) -> list[str]:
         return self.label_names
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where the forward pass runs: the first parameter's device (cuda on a GPU replica)."""
         return torch.device("cpu")
 
     def _logits(self, enc):
@@ -74,7 +75,7 @@ def export_onnx(clf: TextClassifier, out_dir: Path) -> dict[str, Path]:
     sample = clf.tokenizer(["an example text", "a second one"], padding=True, return_tensors="pt")
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
     fp32, int8 = out_dir / "model-fp32.onnx", out_dir / "model-int8.onnx"
-    on_cpu = clf.model if clf._device().type == "cpu" else copy.deepcopy(clf.model).cpu()  # fp32 stays on its GPU
+    on_cpu = clf.model if clf.device().type == "cpu" else copy.deepcopy(clf.model).cpu()  # fp32 stays on its GPU
     with torch.inference_mode():
         torch.onnx.export(
             _LogitsOnly(on_cpu, names).eval(),  # the exporter puts back the wrapper's mode, recursively
@@ -113,7 +114,7 @@ def half_precision(clf: TextClassifier) -> TextClassifier:
     """The model in fp16 on the GPU it is on: on a GPU the fast path is half precision on its tensor cores, not int8 or
     ONNX Runtime on the host's CPU. fp16 rather than bf16: its 10-bit mantissa keeps the logits closer to fp32's, and
     GPUs since Volta (T4, V100) run it on tensor cores where bf16 needs Ampere. Judged against fp32 like the others."""
-    if clf._device().type != "cuda":
+    if clf.device().type != "cuda":
         raise AppError("backend cuda-fp16 needs a GPU replica: set num_gpus in the Classifier's ray_actor_options")
     half = copy.deepcopy(clf.model).half().eval()
     return TextClassifier(model=half, tokenizer=clf.tokenizer, max_length=clf.max_length)

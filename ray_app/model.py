@@ -159,7 +159,7 @@ class TextClassifier:
         """(row indices, encoded batch) with texts sorted by length, so each batch pads only to its own longest
         text (dynamic padding); callers put the rows back in their own order with the indices."""
         order = np.argsort([len(t) for t in texts], kind="stable")
-        device = self._device()
+        device = self.device()
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             enc = self.tokenizer(
@@ -171,7 +171,8 @@ class TextClassifier:
             ).to(device)
             yield idx, enc
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where the forward pass runs: the first parameter's device (cuda on a GPU replica)."""
         return next(self.model.parameters()).device
 
     def _logits(self, enc) -> torch.Tensor:

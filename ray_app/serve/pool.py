@@ -176,7 +176,7 @@ class ModelPool:
         load_ms = (time.perf_counter() - started) * 1000
         self.m_loads.inc(tags={"model_id": model_id, "outcome": "ok"})
         self.m_load_ms.observe(load_ms)
-        loaded = Loaded(model_id, classifier, load_ms, on_unload=self._forget, device=str(classifier._device()))
+        loaded = Loaded(model_id, classifier, load_ms, on_unload=self._forget, device=str(classifier.device()))
         self.loaded[model_id] = loaded
         log.info("loaded %s in %.0f ms", model_id, load_ms)
         self._report()
