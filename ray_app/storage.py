@@ -3,6 +3,9 @@ app writes (prediction log, feedback store)."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -29,3 +32,17 @@ def checkpoint_uri(path: str, storage_path: str) -> str:
     alone reads as a local path. `storage_path` is where the run was stored (train.storage_path)."""
     scheme = storage_path.split("://", 1)[0] if "://" in storage_path else ""
     return f"{scheme}://{path}" if scheme and scheme != "file" and "://" not in path else path
+
+
+@contextlib.contextmanager
+def own_copy(checkpoint) -> Iterator[Path]:
+    """A Ray Train checkpoint's files in a directory only this process reads (the checkpoint's own directory when it
+    is on a local or shared file system). Not `Checkpoint.as_directory()`: for remote storage it gives every process
+    of a machine the same temp dir, and a process that gets there after another finished downloading downloads
+    again into it, over files the first may still be reading (ray/train/_checkpoint.py, `to_directory`, Ray 2.60).
+    Seen as `PytorchStreamReader failed reading file` when two Train workers on one machine resumed from S3."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="rayapp-checkpoint-") as tmp:
+        yield Path(checkpoint.to_directory(tmp))

@@ -29,7 +29,7 @@ from ray_app.resources import (
     start_timeout_error,
     worker_threads,
 )
-from ray_app.storage import checkpoint_uri
+from ray_app.storage import checkpoint_uri, own_copy
 from ray_app.train_batches import TrimPadding, length_bucketed
 
 log = logging.getLogger("ray_app")
@@ -182,9 +182,9 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     checkpoint = ray.train.get_checkpoint()
     tokenizer = load_tokenizer(loop.model_path)
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            model = AutoModelForSequenceClassification.from_pretrained(Path(ckpt_dir) / MODEL_SUBDIR)
-            saved = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+        with own_copy(checkpoint) as ckpt_dir:  # every worker downloads its own: see own_copy
+            model = AutoModelForSequenceClassification.from_pretrained(ckpt_dir / MODEL_SUBDIR)
+            saved = torch.load(ckpt_dir / STATE_FILE, weights_only=False)
     else:
         model = load_for_training(loop.model_path, loop.labels, loop.dropout, loop.num_layers)
         saved = None

@@ -96,3 +96,29 @@ def test_a_checkpoint_on_s3_is_named_by_a_uri_that_opens_again() -> None:
     local = "/home/u/ray_results/run/checkpoint_1"
     assert checkpoint_uri(local, "~/ray_results") == local
     assert checkpoint_uri(local, "file:///home/u/ray_results") == local
+
+
+def test_each_process_restores_a_remote_checkpoint_from_a_copy_of_its_own(tmp_path: Path) -> None:
+    """Ray's `as_directory()` hands every process of a machine one shared temp dir for a remote checkpoint, which a
+    later process downloads into again while an earlier one reads it; `own_copy` gives each reader its own. A
+    pyarrow filesystem other than the local one stands in for S3 here (the cluster drill reads from real S3)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from ray_app.storage import own_copy
+
+    stored = tmp_path / "bucket" / "checkpoint_000001"
+    stored.mkdir(parents=True)
+    (stored / "train_state.pt").write_bytes(b"state" * 1000)
+    remote = Checkpoint("checkpoint_000001", filesystem=pafs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                                  pafs.LocalFileSystem()))  # fmt: skip
+    with remote.as_directory() as ray_a, remote.as_directory() as ray_b:
+        assert ray_a == ray_b  # Ray's own: one directory for both readers
+    with own_copy(remote) as first, own_copy(remote) as second:
+        assert first != second and first.parent != stored.parent
+        assert (first / "train_state.pt").read_bytes() == (second / "train_state.pt").read_bytes() == b"state" * 1000
+        (second / "train_state.pt").write_bytes(b"")  # what a later download would do to a shared file
+        assert (first / "train_state.pt").read_bytes() == b"state" * 1000
+    assert not first.exists() and not second.exists() and (stored / "train_state.pt").exists()
+    with own_copy(Checkpoint(str(stored))) as local:  # local or shared file system: read where it is, no copy
+        assert local == stored
