@@ -39,8 +39,9 @@ def own_copy(checkpoint) -> Iterator[Path]:
     """A Ray Train checkpoint's files in a directory only this process reads (the checkpoint's own directory when it
     is on a local or shared file system). Not `Checkpoint.as_directory()`: for remote storage it gives every process
     of a machine the same temp dir, and a process that gets there after another finished downloading downloads
-    again into it, over files the first may still be reading (ray/train/_checkpoint.py, `to_directory`, Ray 2.60).
-    Seen as `PytorchStreamReader failed reading file` when two Train workers on one machine resumed from S3."""
+    again into it, over files the first may still be reading (ray/train/_checkpoint.py, `to_directory`, Ray 2.60;
+    ray-project/ray#48726, open). Seen as `PytorchStreamReader failed reading file` when two Train workers on one
+    machine resumed from S3."""
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         yield Path(checkpoint.path)
         return
