@@ -14,6 +14,7 @@ It builds its own cluster (root: network namespaces; `nft` for the drops), makes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -189,8 +190,7 @@ def uninterrupted(cluster: Cluster, model: Path, epochs: int) -> dict[str, Any]:
     if status != "SUCCEEDED":
         raise DrillError(logs[-4000:])
     run_id = only_run(cluster, experiment).info.run_id
-    return {"job_s": time.monotonic() - started, "run_id": run_id,
-            "f1": epoch_value(cluster, run_id, "val/f1_weighted", epochs)}  # fmt: skip
+    return {"job_s": time.monotonic() - started, "run_id": run_id, **last_epoch(cluster, run_id, epochs)}
 
 
 def node_loss_training(cluster: Cluster, model: Path, epochs: int, kill_after: list[int]) -> dict[str, Any]:
@@ -225,13 +225,20 @@ def node_loss_training(cluster: Cluster, model: Path, epochs: int, kill_after: l
     finally:
         settled(cluster)
     run_id = only_run(cluster, experiment).info.run_id if status == "SUCCEEDED" else ""
-    f1 = epoch_value(cluster, run_id, "val/f1_weighted", epochs) if run_id else float("nan")
+    last = last_epoch(cluster, run_id, epochs) if run_id else {"f1": float("nan"), "loss": float("nan")}
     return {"status": status, "logs": logs, "job_id": job_id, "run_id": run_id, "kills": kills, "job_s": job_s,
             "resumed": [int(e) for e in RESUMED.findall(logs)], "steps": epoch_steps(cluster, run_id) if run_id else [],
-            "f1": f1}  # fmt: skip
+            **last}  # fmt: skip
 
 
-def node_loss_line(result: dict[str, Any], epochs: int, reference_f1: float) -> str:
+def last_epoch(cluster: Cluster, run_id: str, epochs: int) -> dict[str, float]:
+    """The last epoch's val F1 (what the drill is judged on) and val loss (which shows a difference F1 rounds away:
+    the tiny random model's F1 barely moves between epochs)."""
+    return {"f1": epoch_value(cluster, run_id, "val/f1_weighted", epochs),
+            "loss": epoch_value(cluster, run_id, "val/loss", epochs)}  # fmt: skip
+
+
+def node_loss_line(result: dict[str, Any], epochs: int, reference: dict[str, float]) -> str:
     kills = "; ".join(
         f"killed ({k['processes']} processes) {k['at_s']:.1f} s into the job with epoch {k['epoch']} checkpointed, "
         f"node back {k['node_back_s']:.1f} s later, next checkpoint {_s(k['next_checkpoint_s'])} after the kill"
@@ -239,8 +246,9 @@ def node_loss_line(result: dict[str, Any], epochs: int, reference_f1: float) -> 
     )
     return (
         f"DRILL train-node-loss: {kills}; resumed from epochs {result['resumed']}; job {result['job_s']:.0f} s; "
-        f"epochs in MLflow {result['steps']}; val F1 at epoch {epochs} {result['f1']:.4f} vs {reference_f1:.4f} "
-        f"uninterrupted (|diff| {abs(result['f1'] - reference_f1):.4f})"
+        f"epochs in MLflow {result['steps']}; at epoch {epochs} val F1 {result['f1']:.4f} vs {reference['f1']:.4f} "
+        f"uninterrupted (|diff| {abs(result['f1'] - reference['f1']):.4f}), val loss {result['loss']:.4f} vs "
+        f"{reference['loss']:.4f}"
     )
 
 
@@ -353,7 +361,8 @@ def rows_of(base: dict, losses: list[dict], drops: list[dict], epochs: int, drop
     return [
         row("train job: s (node-loss runs)", base["job_s"], median([r["job_s"] for r in losses])),
         row(f"val F1 at epoch {epochs}", base["f1"], median([r["f1"] for r in losses])),
-        row("|val F1 diff| (max over runs)", None, max(abs(r["f1"] - base["f1"]) for r in losses)),
+        row("val F1, largest difference from uninterrupted", None, max(abs(r["f1"] - base["f1"]) for r in losses)),
+        row(f"val loss at epoch {epochs}", base["loss"], median([r["loss"] for r in losses])),
         row("runs finished, resumed once per kill", None, float(resumed_ok)),
         row("epochs missing from MLflow, all runs", None, float(lost)),
         row("kill -> node back: s", None, median([k["node_back_s"] for k in kills])),
@@ -371,17 +380,18 @@ def run(args) -> tuple[dict, list[dict], list[dict]]:
     from ray_app.cluster import down, up
     from ray_app.model import make_tiny_model
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the Jobs SDK's packaging lines would bury the DRILL lines
     root = Path(tempfile.mkdtemp(prefix="rayapp-bench-cluster-train-"))
     state = root / "cluster.json"
     try:
         cluster = up(state, root, workers=1, netns=True, head_cpus=2, worker_cpus=WORKER_CPUS)
         model = make_tiny_model(root / "tiny-bert")
         base = uninterrupted(cluster, model, args.epochs)
-        print(f"uninterrupted: {base['job_s']:.0f} s, val F1 {base['f1']:.4f}", flush=True)
+        print(f"uninterrupted: {base['job_s']:.0f} s, val F1 {base['f1']:.4f}, val loss {base['loss']:.4f}", flush=True)
         losses, drops = [], []
         for _ in range(args.repeats):
             losses.append(node_loss_training(cluster, model, args.epochs, kill_points(args.epochs, args.kills)))
-            print(node_loss_line(losses[-1], args.epochs, base["f1"]), flush=True)
+            print(node_loss_line(losses[-1], args.epochs, base), flush=True)
         for _ in range(args.repeats if args.drops else 0):
             drops.append(mlflow_drop_training(cluster, model, args.drop_epochs, args.outage_s, args.drops))
             print(mlflow_drop_line(drops[-1], args.drop_epochs), flush=True)
