@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +125,27 @@ def serving_args(tracking_uri: str, model: str, **extra: Any):
         api_key_env=None,
         **extra,
     )
+
+
+def cluster_parser(description: str) -> argparse.ArgumentParser:
+    """The shared options for the two-node cluster benches: one repeat and the smoke config unless told otherwise."""
+    p = parser(description)
+    p.set_defaults(repeats=1, config=str(ROOT / "configs" / "smoke.yaml"))
+    return p
+
+
+@contextlib.contextmanager
+def fresh_cluster(prefix: str) -> Iterator[tuple[Any, Path]]:
+    """ray_app/cluster.py's two-node cluster (head 2 CPUs, one worker node with 1 CPU in a network namespace, moto's
+    S3, MLflow) in a temp dir: (cluster, dir). Removed however the bench ends; its MLflow store and models with it."""
+    from ray_app.cluster import down, up
+
+    if os.geteuid() != 0:
+        raise SystemExit("the cluster's worker node is a network namespace: run as root (sudo)")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    state = root / "cluster.json"
+    try:
+        yield up(state, root, workers=1, netns=True, head_cpus=2, worker_cpus=1), root
+    finally:
+        down(state)
+        shutil.rmtree(root, ignore_errors=True)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ROOT, Row, median, parse, parser, report
+from _common import ROOT, Row, cluster_parser, fresh_cluster, median, parse, report
 
 from ray_app.cluster import Cluster, kill_node, restart_node
 from ray_app.local import BIN
@@ -286,15 +284,12 @@ def rows_of(runs: list[dict[str, Any]]) -> list[Row]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """A fresh cluster, the app deployed on it, `args.kills` losses under one continuous load; all removed after."""
-    from ray_app.cluster import down, up
     from ray_app.model import make_tiny_model
     from ray_app.ports import free_port
     from tests.serving import wait_until
 
-    root = Path(tempfile.mkdtemp(prefix="rayapp-bench-cluster-"))
-    state, key = root / "cluster.json", uuid.uuid4().hex
-    try:
-        cluster = up(state, root, workers=1, netns=True, head_cpus=2, worker_cpus=1)
+    key = uuid.uuid4().hex
+    with fresh_cluster("rayapp-bench-cluster-") as (cluster, root):
         _, name, _ = register_champion(cluster, make_tiny_model(root / "tiny-bert"), root)
         log_uri = f"s3://{cluster.bucket}/predlog-bench"
         base = deploy_on_cluster(cluster, name, free_port(), key, log_uri, root)
@@ -308,20 +303,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with contextlib.suppress(AssertionError):
             serve_shutdown(cluster.dashboard_url)
         return runs
-    finally:
-        down(state)
-        shutil.rmtree(root, ignore_errors=True)  # the MLflow store and the tiny model: nothing to keep
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n\n")[0])
-    p.set_defaults(repeats=1, config=str(ROOT / "configs" / "smoke.yaml"))
+    p = cluster_parser(__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=2, help="Worker-node losses, one after the other under one load")
     p.add_argument("--phase-s", type=float, default=20, help="Seconds of load before each kill and after each restore")
     p.add_argument("--callers", type=int, default=4, help="Concurrent HTTP callers (closed loop)")
     args = parse(p)
-    if os.geteuid() != 0:
-        raise SystemExit("the cluster's worker node is a network namespace: run as root (sudo)")
     runs = run(args)
     extra = {"kills": runs, "phase_s": args.phase_s, "callers": args.callers}
     report("cluster_node_loss", "before kill", "after restart", rows_of(runs), args, extra)

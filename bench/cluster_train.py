@@ -21,7 +21,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ROOT, Row, median, parse, parser, report
+from _common import ROOT, Row, cluster_parser, fresh_cluster, median, parse, report
 
 from ray_app.cluster import Cluster, alive_node_ips, kill_node, restart_node
 
@@ -214,11 +213,13 @@ def node_loss_training(cluster: Cluster, model: Path, epochs: int, kill_after: l
             processes = kill_node(cluster.workers[0])
             restart_node(cluster, cluster.workers[0], WORKER_CPUS)
             back_at = time.monotonic()
-            while registered_epoch(cluster, prefix) <= registered and not ended(client, job):
+            resumed_at, resumed = _resumed(client, job, len(kills) + 1)
+            while resumed is not None and registered_epoch(cluster, prefix) <= resumed and not ended(client, job):
                 time.sleep(0.3)
-            next_at = time.monotonic() if registered_epoch(cluster, prefix) > registered else None
+            next_at = time.monotonic() if resumed is not None and registered_epoch(cluster, prefix) > resumed else None
             kills.append({"epoch": registered, "at_s": killed_at - started, "processes": processes,
-                          "node_back_s": back_at - killed_at,
+                          "node_back_s": back_at - killed_at, "resumed_from": resumed,
+                          "resumed_s": resumed_at - killed_at if resumed_at else None,
                           "next_checkpoint_s": next_at - killed_at if next_at else None})  # fmt: skip
         status, logs, job_id = wait_job(client, job)
         job_s = time.monotonic() - started
@@ -238,10 +239,23 @@ def last_epoch(cluster: Cluster, run_id: str, epochs: int) -> dict[str, float]:
             "loss": epoch_value(cluster, run_id, "val/loss", epochs)}  # fmt: skip
 
 
+def _resumed(client: Any, job: str, count: int) -> tuple[float | None, int | None]:
+    """When the job's log first shows its `count`-th resume, and from which epoch ((None, None) if it ended first):
+    the new worker group has loaded the checkpoint. Checkpoints registered between the kill and this point were
+    reported before the kill and still in the controller's queue."""
+    while not ended(client, job):
+        found = RESUMED.findall(client.get_job_logs(job))
+        if len(found) >= count:
+            return time.monotonic(), int(found[count - 1])
+        time.sleep(0.5)
+    return None, None
+
+
 def node_loss_line(result: dict[str, Any], epochs: int, reference: dict[str, float]) -> str:
     kills = "; ".join(
         f"killed ({k['processes']} processes) {k['at_s']:.1f} s into the job with epoch {k['epoch']} checkpointed, "
-        f"node back {k['node_back_s']:.1f} s later, next checkpoint {_s(k['next_checkpoint_s'])} after the kill"
+        f"node back {k['node_back_s']:.1f} s later, resumed from epoch {k['resumed_from']} {_s(k['resumed_s'])} and "
+        f"its next checkpoint registered {_s(k['next_checkpoint_s'])} after the kill"
         for k in result["kills"]
     )
     return (
@@ -356,6 +370,7 @@ def rows_of(base: dict, losses: list[dict], drops: list[dict], epochs: int, drop
     def row(metric: str, baseline: float | None, other: float | None) -> Row:
         return {"metric": metric, "uninterrupted": baseline, "drilled": other}
 
+    resume = [k["resumed_s"] for k in kills if k["resumed_s"] is not None]
     recover = [k["next_checkpoint_s"] for k in kills if k["next_checkpoint_s"] is not None]
     arrived = float(sum(o["arrived_during"] for o in outages))
     return [
@@ -366,7 +381,8 @@ def rows_of(base: dict, losses: list[dict], drops: list[dict], epochs: int, drop
         row("runs finished, resumed once per kill", None, float(resumed_ok)),
         row("epochs missing from MLflow, all runs", None, float(lost)),
         row("kill -> node back: s", None, median([k["node_back_s"] for k in kills])),
-        row("kill -> next checkpoint registered: s", None, median(recover)),
+        row("kill -> new workers resumed from the checkpoint: s", None, median(resume)),
+        row("kill -> their first checkpoint registered: s", None, median(recover)),
         row("MLflow drop: epochs ended during it", None, median([float(o["ended_during"]) for o in outages])),
         row("MLflow drop: epochs that reached MLflow during it", None, arrived),
         row("MLflow drills: epochs missing from MLflow", None, float(dropped_lost)),
@@ -377,14 +393,10 @@ def rows_of(base: dict, losses: list[dict], drops: list[dict], epochs: int, drop
 
 def run(args) -> tuple[dict, list[dict], list[dict]]:
     """A fresh cluster; the baseline, `--repeats` node-loss runs and `--repeats` MLflow-drop runs; removed after."""
-    from ray_app.cluster import down, up
     from ray_app.model import make_tiny_model
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # the Jobs SDK's packaging lines would bury the DRILL lines
-    root = Path(tempfile.mkdtemp(prefix="rayapp-bench-cluster-train-"))
-    state = root / "cluster.json"
-    try:
-        cluster = up(state, root, workers=1, netns=True, head_cpus=2, worker_cpus=WORKER_CPUS)
+    with fresh_cluster("rayapp-bench-cluster-train-") as (cluster, root):
         model = make_tiny_model(root / "tiny-bert")
         base = uninterrupted(cluster, model, args.epochs)
         print(f"uninterrupted: {base['job_s']:.0f} s, val F1 {base['f1']:.4f}, val loss {base['loss']:.4f}", flush=True)
@@ -396,22 +408,16 @@ def run(args) -> tuple[dict, list[dict], list[dict]]:
             drops.append(mlflow_drop_training(cluster, model, args.drop_epochs, args.outage_s, args.drops))
             print(mlflow_drop_line(drops[-1], args.drop_epochs), flush=True)
         return base, losses, drops
-    finally:
-        down(state)
-        shutil.rmtree(root, ignore_errors=True)  # the MLflow store and the tiny model: nothing to keep
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n\n")[0])
-    p.set_defaults(repeats=1, config=str(ROOT / "configs" / "smoke.yaml"))
+    p = cluster_parser(__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10, help="Epochs of the baseline and the node-loss runs")
     p.add_argument("--kills", type=int, default=2, help="Worker-node losses in each node-loss run")
     p.add_argument("--drops", type=int, default=2, help="MLflow outages in each MLflow-drop run (0: none)")
     p.add_argument("--outage-s", type=float, default=20, help="Seconds of each MLflow outage")
     p.add_argument("--drop-epochs", type=int, default=40, help="Epochs of each MLflow-drop run")
     args = parse(p)
-    if os.geteuid() != 0:
-        raise SystemExit("the cluster's worker node is a network namespace: run as root (sudo)")
     if args.drops and shutil.which("nft") is None:
         raise SystemExit("the MLflow drops need nftables' `nft` (apt-get install nftables), or --drops 0")
     base, losses, drops = run(args)
