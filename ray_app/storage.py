@@ -7,10 +7,14 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from ray_app.errors import AppError
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 
 def as_uri(uri: str) -> str:
@@ -35,7 +39,7 @@ def checkpoint_uri(path: str, storage_path: str) -> str:
 
 
 @contextlib.contextmanager
-def own_copy(checkpoint) -> Iterator[Path]:
+def own_copy(checkpoint: Checkpoint) -> Iterator[Path]:
     """A Ray Train checkpoint's files in a directory only this process reads (the checkpoint's own directory when it
     is on a local or shared file system). Not `Checkpoint.as_directory()`: for remote storage it gives every process
     of a machine the same temp dir, and a process that gets there after another finished downloading downloads
