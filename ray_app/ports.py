@@ -7,6 +7,7 @@ import random
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 # Ray Serve's high-throughput mode: HAProxy as the HTTP proxy (forwarding to the ingress replicas' own HTTP servers)
 # and gRPC between replicas. bench/profile_request.py here: single-item requests at concurrency 32 went from 50 to
@@ -73,15 +74,31 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel starts handing out ports for outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_HANDED_OUT: set[int] = set()  # blocks this process gave out: free until their cluster's Serve binds them
+
+
 def free_serve_ports() -> ServePorts:
-    """A block no other cluster here uses: past `make run`'s block, and every port in it free right now."""
+    """A block of its own for one cluster: replica HTTP and gRPC ports, then HAProxy's stats and metrics ports and
+    the fallback proxy's two, every one free right now. Below make run's block and below the ephemeral range: a port
+    is named when the cluster starts but bound only when Serve starts, and an ephemeral one taken in between (by any
+    outgoing connection, or another service's free port) stopped a test cluster's HAProxy ("cannot bind socket").
+    """
+    span, low, high = 2 * PORT_BLOCK + 4, 10000, min(MAKE_RUN_PORTS.http, _ephemeral_start())
     for _ in range(200):
-        http = 30000 + PORT_BLOCK * random.randrange(1, 9000 // PORT_BLOCK)
-        block = [*range(http, http + PORT_BLOCK), *range(http + 10000, http + 10000 + PORT_BLOCK)]
-        if all(_bindable(p) for p in block):
-            fixed = {"stats": free_port(), "metrics": free_port()}
-            return ServePorts(http, http + 10000, **fixed, fallback_http=free_port(), fallback_grpc=free_port())
-    raise RuntimeError("no free block of Serve replica ports between 30050 and 39000 (and 40050-49000)")
+        base = low + span * random.randrange(0, (high - low) // span)
+        if base not in _HANDED_OUT and all(_bindable(p) for p in range(base, base + span)):
+            _HANDED_OUT.add(base)
+            x = base + 2 * PORT_BLOCK  # after the two replica ranges
+            return ServePorts(base, base + PORT_BLOCK, x, x + 1, fallback_http=x + 2, fallback_grpc=x + 3)
+    raise RuntimeError(f"no free block of {span} Serve ports between {low} and {high}")
 
 
 def serve_fast_path(ports: ServePorts) -> dict[str, str]:

@@ -566,3 +566,21 @@ def test_canary_verdict_acts_on_accuracy_against_labels_once_enough_are_labelled
     assert canary_report(frame, "1", "2", cfg, only_challenger)["verdict"] == PROMOTE
     report = canary_report(frame, "1", "2", floor, only_challenger)
     assert report["verdict"] == ROLLBACK and "accuracy 0.800 < min_accuracy 0.9" in report["reason"]
+
+
+def test_serve_port_blocks_are_disjoint_and_below_the_ephemeral_range() -> None:
+    """Every port of a cluster's block is named at `ray start` and bound only when Serve starts: one in the kernel's
+    ephemeral range could be taken in between by any outgoing connection (it once stopped a test cluster's HAProxy),
+    and two blocks handed out by one process must not share a port even before either is bound."""
+    from dataclasses import astuple
+
+    from ray_app.ports import MAKE_RUN_PORTS, PORT_BLOCK, _ephemeral_start, free_serve_ports
+
+    blocks = [free_serve_ports() for _ in range(20)]
+    ports = [
+        {*range(b.http, b.http + PORT_BLOCK), *range(b.grpc, b.grpc + PORT_BLOCK), *astuple(b)[2:]} for b in blocks
+    ]
+    assert all(len(p) == 2 * PORT_BLOCK + 4 for p in ports)
+    assert len(set().union(*ports)) == sum(len(p) for p in ports)  # no port in two blocks
+    assert max(max(p) for p in ports) < min(_ephemeral_start(), MAKE_RUN_PORTS.http)
+    assert not set().union(*ports) & {*astuple(MAKE_RUN_PORTS), *range(30000, 30000 + PORT_BLOCK)}
