@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import ROOT, Row, cluster_parser, fresh_cluster, median, parse, report
 
-from ray_app.cluster import Cluster, kill_node, restart_node
+from ray_app.cluster import Cluster, NodeKill, kill_node, restart_node
 from ray_app.local import BIN
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # the head keeps token authentication; a named address opts in
@@ -193,16 +193,20 @@ def phase_stats(shots: list[Shot], seconds: float) -> dict[str, float]:
     }
 
 
-def failures(shots: list[Shot], kill_at: float) -> dict[str, Any]:
-    """What failed around one kill: how many, when (seconds after the kill, by send and by answer time), with which
-    status and body; and whether any was sent after the kill (a request the router sent to a dead replica)."""
+def failures(shots: list[Shot], kill: NodeKill) -> dict[str, Any]:
+    """What failed around one kill: how many, when (seconds after the SIGKILLs, by answer time), with which status
+    and body; and how many were sent after every process of the node was dead (a request the router sent to a dead
+    replica). One sent between the SIGKILLs and the last death may have been accepted by the replica just before
+    it died: in flight, like one sent before."""
     bad = [s for s in shots if s.status != 200]
     return {
         "sent": len(shots),
         "failed": len(bad),
-        "failed_sent_after_kill": sum(s.sent > kill_at for s in bad),
-        "window_s": round(max((s.done - kill_at for s in bad), default=0.0), 2),
-        "first_failed_at_s": round(min((s.done - kill_at for s in bad), default=0.0), 2),
+        "failed_sent_after_kill": sum(s.sent > kill.gone_at for s in bad),
+        "dying_ms": round(1000 * (kill.gone_at - kill.signalled_at), 1),
+        "window_s": round(max((s.done - kill.signalled_at for s in bad), default=0.0), 2),
+        "first_failed_at_s": round(min((s.done - kill.signalled_at for s in bad), default=0.0), 2),
+        "failed_sent_at_s": sorted(round(s.sent - kill.signalled_at, 3) for s in bad),
         "statuses": dict(Counter(s.status for s in bad)),
         "bodies": sorted({s.body for s in bad})[:5],
     }
@@ -217,8 +221,8 @@ def node_loss(cluster: Cluster, load: Load, phase_s: float, timeout_s: float = 1
     node, both = cluster.workers[0], sorted([cluster.head_ip, cluster.workers[0].ip])
     start = time.monotonic()
     time.sleep(phase_s)
-    kill_at = time.monotonic()
-    killed = kill_node(node)
+    kill = kill_node(node)
+    kill_at = kill.signalled_at
     noticed = wait_running(cluster.dashboard_url, [cluster.head_ip], timeout_s)
     restart_at = time.monotonic()
     restart_node(cluster, node, 1)
@@ -230,7 +234,7 @@ def node_loss(cluster: Cluster, load: Load, phase_s: float, timeout_s: float = 1
     in_flight = [s for s in before if s.done > kill_at]  # sent before the kill, answered (or not) after it
     around = in_flight + load.between(kill_at, back_at)
     return {
-        "processes_killed": killed,
+        "processes_killed": kill.processes,
         "noticed_s": round(noticed, 1),
         "restart_s": round(back_at - restart_at, 1),
         "restored_s": round(back_at - kill_at, 1),
@@ -238,7 +242,7 @@ def node_loss(cluster: Cluster, load: Load, phase_s: float, timeout_s: float = 1
         "before": phase_stats([s for s in before if s.done <= kill_at], kill_at - start),
         "outage": phase_stats(around, back_at - kill_at),
         "after": phase_stats(load.between(back_at, end), end - back_at),
-        **failures(around + load.between(back_at, end), kill_at),
+        **failures(around + load.between(back_at, end), kill),
     }
 
 
@@ -246,7 +250,8 @@ def drill_line(result: dict[str, Any]) -> str:
     """The one line a test prints and the bench logs per kill."""
     return (
         f"DRILL serve-node-loss: {result['sent']} requests around the kill, {result['failed']} failed "
-        f"({result['failed_sent_after_kill']} sent after it) within {result['window_s']} s of it, statuses "
+        f"({result['failed_sent_after_kill']} sent after the node's processes were dead, {result['dying_ms']} ms after "
+        f"the SIGKILLs) within {result['window_s']} s of it, statuses "
         f"{result['statuses']}; Serve saw the replica gone after {result['noticed_s']} s; 2 RUNNING replicas "
         f"again {result['restored_s']} s after the kill ({result['restart_s']} s after `ray start`); "
         f"{result['processes_killed']} processes killed"
@@ -258,7 +263,8 @@ def drill_line(result: dict[str, Any]) -> str:
 
 PER_KILL = [
     ("failed", "failed requests per kill"),
-    ("failed_sent_after_kill", "... of them sent after the kill"),
+    ("failed_sent_after_kill", "... of them sent after the node was dead"),
+    ("dying_ms", "SIGKILLs -> every process dead: ms"),
     ("window_s", "last failure: s after the kill"),
     ("noticed_s", "Serve sees the replica gone: s after the kill"),
     ("restart_s", "ray start -> 2 RUNNING replicas: s"),

@@ -209,8 +209,8 @@ def node_loss_training(cluster: Cluster, model: Path, epochs: int, kill_after: l
             while (registered := registered_epoch(cluster, prefix)) < threshold:
                 running_or_fail(client, job, started)
                 time.sleep(0.3)
-            killed_at = time.monotonic()
-            processes = kill_node(cluster.workers[0])
+            kill = kill_node(cluster.workers[0])
+            killed_at, processes = kill.signalled_at, kill.processes
             restart_node(cluster, cluster.workers[0], WORKER_CPUS)
             back_at = time.monotonic()
             resumed_at, resumed = _resumed(client, job, len(kills) + 1)

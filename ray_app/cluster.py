@@ -195,17 +195,44 @@ def node_pids(node: WorkerNode) -> list[int]:
     return with_descendants(pids_of(str(Path(node.temp_dir).resolve())))
 
 
-def kill_node(node: WorkerNode) -> int:
+@dataclass(frozen=True)
+class NodeKill:
+    """One node lost: how many processes, when the last SIGKILL left (monotonic) and when every one of them was dead.
+    A request sent in between may still have reached a process that was about to die; one sent after `gone_at`
+    cannot have."""
+
+    processes: int
+    signalled_at: float
+    gone_at: float
+
+
+def _dead(pid: int) -> bool:
+    """Gone or a zombie: a SIGKILLed process's parent (after `ray start` exits, often PID 1) may never reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
+def kill_node(node: WorkerNode) -> NodeKill:
     """A machine lost, as Ray sees it: every process of the node (raylet, workers, agents) SIGKILLed at once, nothing
-    told to shut down. Returns how many there were; the namespace and its link stay, ready for `restart_node`."""
+    told to shut down; a straggler the raylet forked meanwhile gets the same. The namespace and its link stay, ready
+    for `restart_node`."""
     pids = node_pids(node)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while node_pids(node) and time.monotonic() < deadline:
+    signalled_at = time.monotonic()
+    while not all(_dead(pid) for pid in pids) and time.monotonic() < signalled_at + 30:
+        time.sleep(0.005)
+    gone_at = time.monotonic()
+    deadline = gone_at + 30
+    while (left := node_pids(node)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-    return len(pids)
+    return NodeKill(len(pids), signalled_at, gone_at)
 
 
 def restart_node(cluster: Cluster, node: WorkerNode, num_cpus: int) -> None:
