@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from ray_app.canary_report import ROLLBACK, canary_report
@@ -123,6 +124,19 @@ def test_models_lists_versions_aliases_and_what_replicas_hold(app):
     wait_until(lambda: f"{app['name']}/{app['v1']}" in held(), 30, "the champion in a replica's report")
     replicas = app["http"].get("/models").json()["replicas"]
     assert {m["device"] for r in replicas.values() for m in r["models"]} == {"cpu"}  # no GPU given (test_gpu.py: one)
+    # The directory dies (as with the node it ran on): Ray restarts it, empty, and the replicas' reports fill it again.
+    directory = ray.get_actor("ray_app_models:classifier", namespace="ray_app")
+
+    def pid() -> int | None:  # None: the call was in flight when the process died
+        try:
+            return ray.get(directory.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        except ray.exceptions.RayActorError:
+            return None
+
+    first = pid()
+    ray.kill(directory, no_restart=False)
+    wait_until(lambda: pid() not in (first, None), 60, "the directory in a new process")
+    wait_until(lambda: f"{app['name']}/{app['v1']}" in held(), 30, "the champion reported to the restarted directory")
 
 
 def test_routes_by_default_header_body_and_alias(app):

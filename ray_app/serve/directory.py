@@ -11,9 +11,11 @@ import ray
 STALE_AFTER_S = 30.0
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class ModelDirectory:
-    """One per Serve app. Replicas report on every load and eviction and every few seconds; silent ones age out."""
+    """One per Serve app. Replicas report on every load and eviction and every few seconds; silent ones age out.
+    Restarted by Ray whenever it dies (its node lost, a crash): the replicas' handles stay valid, and their next
+    reports fill it again within seconds; without restarts they would report into a dead actor for good."""
 
     def __init__(self) -> None:
         self.replicas: dict[str, dict[str, Any]] = {}
