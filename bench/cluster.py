@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import ROOT, Row, cluster_parser, fresh_cluster, median, parse, report
 
-from ray_app.cluster import Cluster, NodeKill, kill_node, restart_node
+from ray_app.cluster import Cluster, Killed, kill_node, restart_node
 from ray_app.local import BIN
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # the head keeps token authentication; a named address opts in
@@ -193,7 +193,7 @@ def phase_stats(shots: list[Shot], seconds: float) -> dict[str, float]:
     }
 
 
-def failures(shots: list[Shot], kill: NodeKill) -> dict[str, Any]:
+def failures(shots: list[Shot], kill: Killed) -> dict[str, Any]:
     """What failed around one kill: how many, when (seconds after the SIGKILLs, by answer time), with which status
     and body; and how many were sent after every process of the node was dead (a request the router sent to a dead
     replica). One sent between the SIGKILLs and the last death may have been accepted by the replica just before

@@ -712,16 +712,19 @@ def test_drill_soak_at_80_percent_of_capacity(app):
 
 def test_drill_killing_the_replica_loses_only_its_in_flight_requests(app):
     """SIGKILL the app's replica (the process that answers HTTP and runs the model) while 4 clients send requests:
-    Serve starts a new one; only requests already in flight may fail (requests sent meanwhile wait in HAProxy's
-    fallback, Serve's proxy, for the new replica), and serving is back within 30 s (the goal; asserted at 60 s so a
-    loaded CI machine does not fail it)."""
-    import os
-    import signal
+    Serve starts a new one; only requests in flight while it died may fail (requests sent after it was dead wait in
+    HAProxy's fallback, Serve's proxy, for the new replica), and serving is back within 30 s (the goal; asserted at
+    60 s so a loaded CI machine does not fail it).
+
+    "In flight" is timed from the SIGKILL to the process's death (`sigkill` polls for it): a process with a model
+    loaded takes ms to tear down and its listening socket accepts until the end, so a request sent in that gap is
+    accepted, then lost. A CI run that counted only those outstanding at the signal failed on such a request."""
     import time
 
     from ray import serve
 
     from bench.soak import replica_pids
+    from ray_app.cluster import sigkill
 
     def pool_pids() -> dict[str, int]:
         return {k: v for k, v in replica_pids("classifier", app["dashboard"]).items() if k.startswith(f"{DEPLOYMENT}:")}
@@ -753,8 +756,8 @@ def test_drill_killing_the_replica_loses_only_its_in_flight_requests(app):
         async def killer() -> None:
             await asyncio.sleep(3)
             marks["in_flight"] = len(outstanding)
-            marks["kill"] = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
+            killed = await asyncio.to_thread(sigkill, [victim])  # clients keep sending while it dies
+            marks["kill"], marks["dead"] = killed.signalled_at, killed.gone_at
             deadline = marks["kill"] + 120
             while time.monotonic() < deadline:  # a new replica with another pid, RUNNING, and the deployment HEALTHY
                 now = await asyncio.to_thread(pool_pids)
@@ -776,18 +779,20 @@ def test_drill_killing_the_replica_loses_only_its_in_flight_requests(app):
             await asyncio.gather(killer(), *[client(c, n) for n in range(4)])
 
     asyncio.run(drill())
-    kill = marks["kill"]
+    kill, dead = marks["kill"], marks["dead"]
     failed = [r for r in records if r[2] != 200]
+    not_in_flight = [r for r in failed if r[0] > dead or r[1] < kill]  # sent after the death, or failed before the kill
     first_ok_after = min((done for sent, done, status, _ in records if status == 200 and sent > kill), default=None)
     recover_s = (first_ok_after - kill) if first_ok_after else float("inf")
     back_s = marks.get("replica_back", float("inf")) - kill
     print(
         f"DRILL replica-kill: killed {victim_name} pid {victim}; requests={len(records)} "
-        f"in_flight_at_kill={marks['in_flight']} failed={len(failed)} {Counter(r[2] for r in failed)} "
+        f"in_flight_at_kill={marks['in_flight']} dying_ms={1000 * (dead - kill):.1f} failed={len(failed)} "
+        f"{Counter(r[2] for r in failed)} sent_s_after_kill={[round(r[0] - kill, 3) for r in failed]} "
         f"first_success_after_kill_s={recover_s:.1f} replica_back_s={back_s:.1f} "
         f"failures={[r[3] for r in failed][:3]}"
     )
-    assert len(failed) <= marks["in_flight"], failed
+    assert not not_in_flight, not_in_flight
     # the goal is 30 s; a loaded 2-core machine has measured 29 s (a new process, imports, the model's load)
     assert max(recover_s, back_s) <= 60
     wait_until(lambda: ready(app["http"]), 120, "/ready after the drill")
